@@ -1,0 +1,223 @@
+"""Checkpoint directories (docs/CHECKPOINT.md): save, load, and the views analysis needs.
+
+A LoRA-family update is exactly a LoRA of rank k·r (B_cat = [s·B_1 … s·B_k], A_cat = [A_1; …; A_k]),
+so it is saved as a stock PEFT LoRA adapter with scaling 1; `fft` and `head` save their trained tensors.
+Our own metadata (method, selectors, seeds, base hash, parameter counts) sits beside it.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+from . import models
+from .errors import CheckpointError
+from .inject import adapted_layers, attach_factors, trained_parameters
+from .io import atomic_dir, write_json
+from .methods import get_method
+
+FORMAT_VERSION = 1
+META, STATS = "adapters_meta.json", "training_stats.json"
+PEFT_CONFIG, PEFT_WEIGHTS, TRAINED = "adapter_config.json", "adapter_model.safetensors", "trained.safetensors"
+PEFT_PREFIX = "base_model.model."
+weights_hash = models.weights_hash
+
+
+def save(model, path, *, base_model, base_model_hash, extra_meta=None, files=None, overwrite=False):
+    """Write `model` (with adapters applied) as a checkpoint directory at `path`, atomically.
+
+    `files`: optional {relative name: callable(full path)} for more content (training stats,
+    trajectory snapshots) written inside the same atomic directory.
+    """
+    settings = model.adapter_settings
+    spec = get_method(settings["method"])
+    layers = adapted_layers(model)
+    meta = dict(format_version=FORMAT_VERSION, **settings, scale=settings["alpha"] / settings["rank"],
+                link_boundaries=[], selectors={n: l.selectors() for n, l in layers.items() if l.spec.selector},
+                layer_seeds={n: l.seed for n, l in layers.items()},
+                base_model=str(base_model), base_model_hash=base_model_hash,
+                num_labels=model.config.num_labels, bits=torch.finfo(_trained_dtype(model)).bits,
+                parameters=trained_parameters(model), **(extra_meta or {}))
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        head_state = {k: v for k, v in model.state_dict().items()
+                      if any(k.startswith(h + ".") for h in settings["head"])}
+        if spec.adapter is None:
+            state = model.state_dict() if spec.trains_base else head_state
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / TRAINED))
+        else:
+            _save_peft(model, tmp, layers, head_state, base_model)
+        write_json(tmp / META, meta)
+        for name, write in (files or {}).items():
+            write(tmp / name)
+
+
+def _trained_dtype(model):
+    return next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+
+
+def _save_peft(model, directory, layers, head_state, base_model):
+    import peft
+    settings = model.adapter_settings
+    tensors = {}
+    for name, layer in layers.items():
+        B, A = layer.factors()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    tensors.update({PEFT_PREFIX + k: v.detach().contiguous() for k, v in head_state.items()})
+    rank = settings["rank"] * settings["chain_length"]
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(layers),
+        modules_to_save=settings["head"] or None, task_type="SEQ_CLS",
+        fan_in_fan_out=any(isinstance(l.base, Conv1D) for l in layers.values()),
+        base_model_name_or_path=models.resolve_model(base_model))
+    config.save_pretrained(str(directory))
+    save_file(tensors, str(directory / PEFT_WEIGHTS))
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def _read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt {what} {path}: {e}") from None
+
+
+def _check_dir(path):
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path} is not a directory")
+    if not ((path / META).exists() or (path / PEFT_CONFIG).exists()):
+        raise CheckpointError(f"not a checkpoint: {path} has neither {META} nor {PEFT_CONFIG}")
+    return path
+
+
+def read_meta(path):
+    """Our metadata; for a plain PEFT LoRA directory, the same keys read off adapter_config.json."""
+    path = _check_dir(path)
+    if (path / META).exists():
+        meta = _read_json(path / META, "checkpoint metadata")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path / META}: unsupported format_version {meta.get('format_version')!r}")
+        return meta
+    config = _read_json(path / PEFT_CONFIG, "PEFT adapter config")
+    if config.get("peft_type") != "LORA" or not config.get("base_model_name_or_path"):
+        raise CheckpointError(f"{path / PEFT_CONFIG}: not a LoRA adapter with base_model_name_or_path")
+    heads = config.get("modules_to_save") or []
+    head_shapes = {k: v.shape for k, v in _read_tensors(path / PEFT_WEIGHTS).items() if k.endswith(".weight")}
+    num_labels = next((shape[0] for k, shape in head_shapes.items()
+                       if any(f".{h}." in k for h in heads) and len(shape) == 2), 2)
+    return dict(format_version=FORMAT_VERSION, method="lora", rank=config["r"], alpha=config["lora_alpha"],
+                chain_length=1, base_model=config["base_model_name_or_path"], base_model_hash=None,
+                num_labels=num_labels, head=sorted(set(heads)), bits=32, peft=True)
+
+
+def read_stats(path):
+    return _read_json(_check_dir(path) / STATS, "training statistics")
+
+
+def _read_tensors(file):
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"weights not found: {file}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt weights file {file}: {e}") from None
+
+
+def lowrank_factors(path):
+    """{module: (B, A)} with ΔW = B @ A, PEFT's scaling folded into B; {} for fft/head checkpoints."""
+    path, meta = _check_dir(path), read_meta(path)
+    if not (path / PEFT_WEIGHTS).exists() and get_method(meta["method"]).adapter is None:
+        return {}
+    config = _read_json(path / PEFT_CONFIG, "PEFT adapter config")
+    scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    tensors = _read_tensors(path / PEFT_WEIGHTS)
+    factors = {}
+    for key, A in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+            B = tensors.get(key.replace(".lora_A.", ".lora_B."))
+            if B is None:
+                raise CheckpointError(f"corrupt adapter {path}: {name} has lora_A but no lora_B")
+            factors[name] = (B.float() * scaling, A.float())
+    if not factors:
+        raise CheckpointError(f"corrupt adapter {path}: no LoRA weights in {PEFT_WEIGHTS}")
+    return factors
+
+
+def load_base(path, *, attn_implementation=None):
+    """The model before training: the pretrained body and the head as initialised with the run's seed.
+
+    Verifies the base weights' hash when the checkpoint recorded one.
+    """
+    meta = read_meta(path)
+    model = models.load_model(meta["base_model"], meta["num_labels"], seed=meta.get("seed", 0),
+                              attn_implementation=attn_implementation)
+    expected = meta.get("base_model_hash")
+    if expected and models.weights_hash(model, exclude=meta["head"]) != expected:
+        raise CheckpointError(f"base model {meta['base_model']} does not match the checkpoint's recorded "
+                              f"weights hash ({expected[:12]}…): it was trained on other weights")
+    return model
+
+
+def load(path, *, attn_implementation=None):
+    """The fine-tuned model of a checkpoint (ours or a plain PEFT LoRA directory), in eval mode.
+
+    LoRA-family updates stay attached as one merged link of rank k·r; exactly the trained scalars
+    (B, A where the method trains it, the head) have requires_grad=True.
+    """
+    path, meta = _check_dir(path), read_meta(path)
+    model = load_base(path, attn_implementation=attn_implementation)
+    spec = get_method(meta["method"])
+    if spec.adapter is None:
+        state = _read_tensors(path / TRAINED)
+        missing = set(state) - set(model.state_dict())
+        if missing:
+            raise CheckpointError(f"corrupt checkpoint {path}: unknown tensors {sorted(missing)[:3]}")
+        model.load_state_dict(state, strict=False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(spec.trains_base or any(name.startswith(h + ".") for h in meta["head"]))
+    else:
+        factors = lowrank_factors(path)
+        if spec.adapter.selector:  # keep selectors as gathers: columns of the one-hot rows of A
+            factors = {n: (B, A.argmax(dim=1)) for n, (B, A) in factors.items()}
+        tensors = _read_tensors(path / PEFT_WEIGHTS)
+        head_state = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()
+                      if not (".lora_A." in k or ".lora_B." in k)}
+        head_state = {k.replace(".modules_to_save.default.", "."): v for k, v in head_state.items()}
+        try:
+            attach_factors(model, factors, selector=spec.adapter.selector, train_a=spec.adapter.train_a,
+                           head=meta["head"])
+        except AttributeError as e:
+            raise CheckpointError(f"checkpoint {path} does not fit base {meta['base_model']}: {e}") from None
+        model.load_state_dict(head_state, strict=False)
+    model.adapter_settings = dict(method=meta["method"], rank=meta["rank"], alpha=meta["alpha"],
+                                  chain_length=meta["chain_length"], seed=meta.get("seed", 0),
+                                  targets=list(meta.get("targets", [])), head=list(meta["head"]))
+    return model.eval()
+
+
+def matrices(path):
+    """[(name, W0, ΔW)] for every adapted matrix (n×m, float32, forward order).
+
+    fft: every Linear/Conv1D weight outside the head, ΔW = W_finetuned − W0.
+    """
+    model = load(path)
+    layers = adapted_layers(model)
+    if layers:
+        return [(n, l.base_weight().detach().float(), l.delta_weight().float()) for n, l in layers.items()]
+    base = dict(load_base(path).named_modules())
+    head = model.adapter_settings["head"]
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) and not any(name.startswith(h) for h in head):
+            w, w0 = mod.weight.detach().float(), base[name].weight.detach().float()
+            if isinstance(mod, Conv1D):
+                w, w0 = w.t(), w0.t()
+            out.append((name, w0, w - w0))
+    return out

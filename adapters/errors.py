@@ -1,0 +1,26 @@
+"""One error type for bad input, and the CLI wrapper that turns it into one line + exit 2."""
+import sys
+from functools import wraps
+
+
+class AdapterError(ValueError):
+    """Bad input to any part of the toolkit (unknown method, missing file, corrupt checkpoint...).
+
+    The message is shown to the user as one line, so it must name the problem and the value.
+    """
+
+
+class CheckpointError(AdapterError):
+    """A checkpoint directory that cannot be read (missing, corrupt, mismatched base)."""
+
+
+def cli(main):
+    """Wrap a CLI `main(argv=None)`: AdapterError -> `error: ...` on stderr, exit status 2."""
+    @wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except AdapterError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapped

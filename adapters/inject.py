@@ -1,0 +1,201 @@
+"""Putting a method on a model: resolve targets, freeze, wrap layers, and the public operations on them."""
+import re
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import models
+from .errors import AdapterError
+from .layers import AdaptedLinear
+from .methods import get_method, layer_seed
+
+# Default targets per architecture family (config.model_type): query and value projections, as in
+# the paper. GPT-2 fuses q, k, v in one Conv1D (c_attn).
+DEFAULT_TARGETS = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "vit", "electra", "camembert", "mpnet"],
+                    ["query", "value"]),
+    **dict.fromkeys(["deberta", "deberta-v2"], ["query_proj", "value_proj"]),
+    "distilbert": ["q_lin", "v_lin"],
+    **dict.fromkeys(["gpt2"], ["c_attn"]),
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt"],
+                    ["q_proj", "v_proj"]),
+}
+ALL_LINEAR = "all-linear"
+
+
+def head_modules(model):
+    """The task head's top-level module names (see models.head_names); none for a plain torch model."""
+    return models.head_names(model) if getattr(model, "base_model_prefix", None) else []
+
+
+def _under(name, prefixes):
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _matches(pattern, name):
+    """A target matches a module by exact name, dotted suffix, or (full-match) regex."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_targets(model, targets=None, head=()):
+    """Names of the Linear/Conv1D modules (outside the head) that `targets` selects, in forward order."""
+    if targets is None:
+        family = getattr(getattr(model, "config", None), "model_type", None)
+        if family not in DEFAULT_TARGETS:
+            raise AdapterError(f"no default targets for model type {family!r}; pass targets=[...] "
+                               f"(module names, dotted suffixes, regexes, or {ALL_LINEAR!r})")
+        targets = DEFAULT_TARGETS[family]
+    if isinstance(targets, str):
+        targets = [targets]
+    linear = [name for name, mod in model.named_modules()
+              if isinstance(mod, (nn.Linear, Conv1D)) and not _under(name, head)]
+    if ALL_LINEAR in targets:
+        return linear
+    for t in targets:
+        if not any(_matches(t, name) for name in linear):
+            raise AdapterError(f"target {t!r} matches no linear layer of the model "
+                               f"(for example: {', '.join(linear[:3])})")
+    return [name for name in linear if any(_matches(t, name) for t in targets)]
+
+
+def adapted_layers(model):
+    """{module name: AdaptedLinear} in forward (registration) order."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, AdaptedLinear)}
+
+
+def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, seed=0, head=None):
+    """Make `model` train with `method` (in place) and return it.
+
+    Freezes everything, wraps the target layers in AdaptedLinear, and leaves trainable exactly the
+    method's trained scalars plus the task head (`head`: top-level module names; default: found by
+    `head_modules`). The settings are kept on the model as `model.adapter_settings`.
+    """
+    spec = get_method(method)
+    if hasattr(model, "adapter_settings"):
+        raise AdapterError("adapters already applied to this model")
+    if not isinstance(chain_length, int) or chain_length < 1:
+        raise AdapterError(f"chain_length must be an integer >= 1, got {chain_length!r}")
+    chained = spec.adapter is not None and spec.adapter.chained
+    if chain_length > 1 and not chained:
+        raise AdapterError(f"method {method!r} is not chained; chain_length must be 1, got {chain_length}")
+    if spec.adapter is not None and (not isinstance(rank, int) or rank < 1):
+        raise AdapterError(f"rank must be an integer >= 1, got {rank!r}")
+    head = list(head_modules(model) if head is None else head)
+
+    for p in model.parameters():
+        p.requires_grad_(spec.trains_base)
+    names = []
+    if spec.adapter is not None:
+        names = resolve_targets(model, targets, head)
+        for name in names:
+            base = model.get_submodule(name)
+            m = base.weight.shape[0] if isinstance(base, Conv1D) else base.weight.shape[1]
+            n = base.weight.shape[1] if isinstance(base, Conv1D) else base.weight.shape[0]
+            if rank > min(m, n):
+                raise AdapterError(f"rank {rank} is larger than layer {name} allows "
+                                   f"(in {m}, out {n}: rank <= {min(m, n)})")
+            layer = AdaptedLinear(base, spec.adapter, rank, alpha, chain_length, layer_seed(seed, name))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+    for h in head:
+        for p in model.get_submodule(h).parameters():
+            p.requires_grad_(True)
+    model.adapter_settings = dict(method=method, rank=rank, alpha=alpha, chain_length=chain_length,
+                                  seed=seed, targets=names, head=head)
+    return model
+
+
+def delta_weights(model):
+    """{module name: ΔW (n×m)} = Σ_j s·B_j·A_j over every link so far."""
+    return {name: layer.delta_weight() for name, layer in adapted_layers(model).items()}
+
+
+def base_weights(model):
+    """{module name: W0 (n×m)} of the adapted layers."""
+    return {name: layer.base_weight().detach() for name, layer in adapted_layers(model).items()}
+
+
+def selectors(model):
+    """{module name: [[columns of link 1], ...]} for selector methods (empty for dense A)."""
+    return {name: layer.selectors() for name, layer in adapted_layers(model).items() if layer.spec.selector}
+
+
+def next_link(model, optimizer=None):
+    """End the current link in every adapted layer: fold it, re-initialise, reset optimizer state."""
+    layers = adapted_layers(model)
+    if not layers or not next(iter(layers.values())).spec.chained:
+        raise AdapterError("next_link needs a chained method (cola, rac, c3la, rc3la)")
+    for layer in layers.values():
+        if layer.link + 1 >= layer.k:
+            raise AdapterError(f"all {layer.k} links of the chain are used; chain_length={layer.k}")
+        layer.next_link()
+        if optimizer is not None:
+            # The re-initialised factors start afresh: Adam moments and step count of the old link
+            # would otherwise drive the new B away from 0 on its first step.
+            for p in (layer.B, getattr(layer, "A", None)):
+                if p is not None:
+                    optimizer.state.pop(p, None)
+
+
+def trained_parameters(model):
+    """Trained scalars per adapted layer (m_i, n_i, count over all links), adapter/head/other totals."""
+    settings = getattr(model, "adapter_settings", {})
+    head = settings.get("head", head_modules(model))
+    count = lambda params: sum(p.numel() for p in params if p.requires_grad)  # noqa: E731
+    head_count = count(p for h in head for p in model.get_submodule(h).parameters())
+    layers, adapter = [], 0
+    for name, layer in adapted_layers(model).items():
+        n, m = layer.shape
+        trained = layer.trained_parameters()
+        layers.append(dict(name=name, m=m, n=n, trained=trained))
+        adapter += trained
+    in_adapters = {id(p) for layer in adapted_layers(model).values() for p in layer.parameters()}
+    in_head = {id(p) for h in head for p in model.get_submodule(h).parameters()}
+    other = count(p for p in model.parameters() if id(p) not in in_adapters | in_head)
+    if not layers and other:  # full fine-tuning: report each trained weight matrix as a layer
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Linear, Conv1D)) and not _under(name, head) and mod.weight.requires_grad:
+                m, n = (mod.weight.shape if isinstance(mod, Conv1D) else mod.weight.shape[::-1])
+                layers.append(dict(name=name, m=m, n=n, trained=count(mod.parameters())))
+    return dict(layers=layers, adapter=adapter, head=head_count, other=other,
+                total=adapter + head_count + other)
+
+
+def param_groups(model, lr, weight_decay=0.0, lr_ratio=None):
+    """Optimizer parameter groups: B factors get lr·λ (λ = lr_ratio or the method's default, LoRA+)."""
+    layers = adapted_layers(model).values()
+    ratio = lr_ratio if lr_ratio is not None else (
+        next(iter(layers)).spec.lr_ratio if layers else 1.0)
+    b_ids = {id(layer.B) for layer in layers}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in trainable if id(p) not in b_ids], lr=lr, weight_decay=weight_decay),
+              dict(params=[p for p in trainable if id(p) in b_ids], lr=lr * ratio, weight_decay=weight_decay)]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def attach_factors(model, factors, *, selector, train_a, head=()):
+    """Re-attach saved updates as one merged link per layer: ΔW = B @ A, scale 1 (used by load).
+
+    `factors` = {name: (B n×R, A R×m or column indices R)}; B trains, A trains iff `train_a`.
+    """
+    from .methods import Adapter
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, (B, A) in factors.items():
+        rank = B.shape[1]
+        spec = Adapter(make_a=lambda m, r, link, seed, A=A: A.clone(), selector=selector, train_a=train_a)
+        layer = AdaptedLinear(model.get_submodule(name), spec, rank, alpha=rank)
+        layer.B.copy_(B)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    for h in head:
+        for p in model.get_submodule(h).parameters():
+            p.requires_grad_(True)
+    return model
