@@ -156,14 +156,20 @@ def load_base(path, *, attn_implementation=None):
 
     Verifies the base weights' hash when the checkpoint recorded one.
     """
+    return _load_base(path, attn_implementation)[0]
+
+
+def _load_base(path, attn_implementation=None):
     meta = read_meta(path)
     model = models.load_model(meta["base_model"], meta["num_labels"], seed=meta.get("seed", 0),
                               attn_implementation=attn_implementation)
+    # PEFT lists every head name it knows ("classifier", "score") in modules_to_save: keep the real ones.
+    meta["head"] = [h for h in meta["head"] if h in dict(model.named_children())]
     expected = meta.get("base_model_hash")
     if expected and models.weights_hash(model, exclude=meta["head"]) != expected:
         raise CheckpointError(f"base model {meta['base_model']} does not match the checkpoint's recorded "
                               f"weights hash ({expected[:12]}…): it was trained on other weights")
-    return model
+    return model, meta
 
 
 def load(path, *, attn_implementation=None):
@@ -172,8 +178,8 @@ def load(path, *, attn_implementation=None):
     LoRA-family updates stay attached as one merged link of rank k·r; exactly the trained scalars
     (B, A where the method trains it, the head) have requires_grad=True.
     """
-    path, meta = _check_dir(path), read_meta(path)
-    model = load_base(path, attn_implementation=attn_implementation)
+    path = _check_dir(path)
+    model, meta = _load_base(path, attn_implementation)
     spec = get_method(meta["method"])
     if spec.adapter is None:
         state = _read_tensors(path / TRAINED)

@@ -7,19 +7,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_json(path, obj):
-    """Write JSON to `path` via a temp file in the same directory, then rename."""
+def write_text(path, text):
+    """Write `text` to `path` via a temp file in the same directory, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path, obj):
+    """Write JSON atomically (see write_text)."""
+    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(x):

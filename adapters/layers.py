@@ -4,7 +4,8 @@
 
 (B_prev, A_prev) hold the links already folded (scales folded in), so the update is kept exactly as
 ΔW = Σ_j s·B_j·A_j in low-rank form, never merged into W0. When A is a selector, A x is the gather
-x[..., idx], done by `gather_linear`, which keeps only x[..., idx] (r columns) for backward.
+x[..., idx], done by `gather_linear`, which keeps only x[..., idx] (r columns) for backward. With the base
+frozen, the current link goes through `gather_adapted_linear`, which also does the base in the same autograd node.
 """
 import torch
 from torch import nn
@@ -45,6 +46,42 @@ class _GatherLinear(torch.autograd.Function):
 
 def gather_linear(x, idx, B, scale=1.0):
     return _GatherLinear.apply(x, idx, B, scale)
+
+
+class _GatherAdaptedLinear(torch.autograd.Function):
+    """y = base(x) + prev + s · x[..., idx] @ Bᵀ for a frozen base (weight W0, n×m), as one autograd node.
+
+    Why: through two nodes, the selector path's dx is an m-wide tensor of zeros with r columns filled, which
+    autograd then adds to the base's dx = g W0: two full-size passes and an allocation per layer per step.
+    Here dx = g W0 gets s·(g B) added in place to its columns idx instead. The arithmetic is op for op that
+    of base(x) + prev + gather_linear(x, idx, B, s), so y and dB are bit-for-bit the two-node results (and dx
+    too without `prev`). `prev`, the folded links' output or None, is added in the same order; its gradient is g.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, W0, idx, B, scale, prev):
+        x_idx = x.index_select(-1, idx)
+        ctx.scale = scale
+        ctx.save_for_backward(idx, x_idx if ctx.needs_input_grad[4] else None,
+                              B if ctx.needs_input_grad[0] else None, W0 if ctx.needs_input_grad[0] else None)
+        y = base(x) if prev is None else base(x).add_(prev)
+        return y.add_((x_idx @ B.t()).mul_(scale))  # in place on fresh tensors: same values, no extra buffers
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, x_idx, B, W0 = ctx.saved_tensors
+        grad_s = grad * ctx.scale
+        grad_x = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ W0).index_add_(-1, idx, grad_s @ B)
+        if ctx.needs_input_grad[4]:
+            grad_B = (x_idx.reshape(-1, x_idx.shape[-1]).t() @ grad_s.reshape(-1, grad_s.shape[-1])).t()
+        return grad_x, None, None, None, grad_B, None, grad if ctx.needs_input_grad[6] else None
+
+
+def gather_adapted_linear(x, base, W0, idx, B, scale=1.0, prev=None):
+    """base(x) + prev + s · x[..., idx] @ Bᵀ; `base` must be frozen (its W0 = n×m weight gives dx)."""
+    return _GatherAdaptedLinear.apply(x, base, W0, idx, B, scale, prev)
 
 
 def dense_linear(x, A, B, scale=1.0):
@@ -115,9 +152,11 @@ class AdaptedLinear(nn.Module):
         return gather_linear(x, A, B, scale) if self.spec.selector else dense_linear(x, A, B, scale)
 
     def forward(self, x):
-        y = self.base(x)
-        if self.B_prev.shape[1]:
-            y = y + self._low_rank(x, self.A_prev, self.B_prev, 1.0)
+        prev = self._low_rank(x, self.A_prev, self.B_prev, 1.0) if self.B_prev.shape[1] else None
+        if self.spec.selector and not any(p.requires_grad for p in self.base.parameters()):
+            return gather_adapted_linear(x, self.base, self.base_weight(), self.idx, self.current_B(), self.scale,
+                                         prev)
+        y = self.base(x) if prev is None else self.base(x) + prev
         return y + self._low_rank(x, self.current_A(), self.current_B(), self.scale)
 
     # -- the update -------------------------------------------------------------------------------

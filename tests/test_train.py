@@ -241,3 +241,23 @@ def test_corrupt_checkpoint_is_refused(tmp_path, tiny_dirs):
         adapters.load(path)
     with pytest.raises(adapters.CheckpointError, match="not a checkpoint"):
         adapters.load(tmp_path)
+
+
+def test_plain_peft_lora_directory_loads_with_peft_logits(tmp_path, tiny_dirs):
+    """A LoRA trained elsewhere (stock PEFT, SEQ_CLS task type) loads as our model with PEFT's outputs."""
+    import peft
+    base = models.load_model(tiny_dirs["bert"], 2, seed=0)
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
+    peft_model = peft.get_peft_model(base, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    batch = {"input_ids": torch.randint(1, 1000, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with torch.no_grad():
+        ours = adapters.load(tmp_path / "peft")
+        torch.testing.assert_close(ours(**batch).logits, peft_model.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
+    assert adapters.read_meta(tmp_path / "peft")["method"] == "lora"
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} >= {"classifier.weight", "classifier.bias"}

@@ -1,0 +1,374 @@
+"""Intruder dimensions and singular spectra of fine-tuned checkpoints (THEORY.md section 4).
+
+For an adapted matrix W0 = U0 S0 V0ᵀ and W = W0 + ΔW = U S Vᵀ, the j-th top singular vector
+u_j of W (by singular value) has
+
+    c_j = max_i |u_jᵀ u0_i|      (over all singular vectors of W0, thin SVD)
+
+and is an intruder at threshold ε when c_j < ε (Shuttleworth et al., 2024). With |·| the
+count does not depend on the signs an SVD routine picks. `--vectors right` uses V, V0.
+
+    python -m analysis.spectral CKPT [CKPT ...] [--k 10|all] [--eps 0.5] [--sweep]
+        [--vectors left|right] [--layers REGEX] [--out DIR] [--formats png,pdf]
+
+writes DIR/spectral.json and figures (the ε-sweep with --sweep, a layers × module heatmap,
+W0-vs-W spectra of one matrix, total intruders per method), and prints a table. The base
+model's SVDs come from analysis.svd_cache. From Python: `run(paths, ...)` returns the dict.
+"""
+import argparse
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from adapters.errors import AdapterError, CheckpointError, cli
+from adapters.io import write_json
+from analysis import style
+from analysis.svd_cache import SIDES, base_svd, default_dir, svd
+
+# ε over (0, 1] in steps of 0.05, as in the Beyond-LoRA figure.
+EPS_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# A singular vector that W shares with W0 has |cos| = 1 up to rounding (1 ± 1e-15 in float64);
+# it is set to exactly 1 so that the ε = 1 end of the sweep counts only vectors that moved.
+ONE_TOL = 1e-9
+
+
+# ---------------------------------------------------------------- the definition, on tensors
+def intruder_cos(base_vectors, vectors, k=None):
+    """c_j = max_i |<vectors[:, j], base_vectors[:, i]>| for the first k columns (all if k is None).
+
+    Both arguments hold unit singular vectors as columns, sorted by singular value.
+    """
+    top = vectors[:, :k] if k is not None else vectors
+    c = (top.T @ base_vectors).abs().amax(dim=1)
+    return torch.where(c > 1 - ONE_TOL, torch.ones_like(c), c)
+
+
+def count(c, eps):
+    """Number of intruders at threshold ε: #{j : c_j < ε}."""
+    return int((c < eps).sum())
+
+
+def sweep(c, grid=EPS_GRID):
+    return [count(c, e) for e in grid]
+
+
+def analyse_matrix(name, W0, dW, *, k=10, eps=0.5, side="left", base=None):
+    """One adapted matrix → its record in spectral.json.
+
+    k: an int or None (= all min(n, m) vectors). base: W0's (vectors, singular values) of `side`
+    when already known (the cache); computed here otherwise.
+    """
+    n, m = W0.shape
+    V0, S0 = base if base is not None else svd(W0, side)
+    V, S = svd(W0.to(torch.float64) + dW.to(torch.float64), side)
+    k = len(S) if k is None else min(k, len(S))
+    c = intruder_cos(V0, V, k)
+    sv_dW = torch.linalg.svdvals(dW.detach().to(torch.float64))
+    norm2, fro = float(sv_dW[0]), float(sv_dW.norm())
+    return {
+        "name": name, "shape": [n, m], "k": k,
+        "intruders": count(c, eps),
+        "sweep": sweep(c),
+        "max_cos": c.tolist(),
+        "singular_values_W0": S0.tolist(), "singular_values_W": S.tolist(),
+        "delta_norm_2": norm2, "delta_norm_fro": fro,
+        # ‖ΔW‖_F² / ‖ΔW‖₂²; undefined (null) for a zero update
+        "delta_stable_rank": fro ** 2 / norm2 ** 2 if norm2 > 0 else None,
+    }
+
+
+# ---------------------------------------------------------------- checkpoints
+def _checkpoint_inputs(path):
+    """(method, base hash, [(name, W0, ΔW)]) of a checkpoint; CheckpointError if unreadable."""
+    import adapters  # the adapters API (docs/CHECKPOINT.md); imported late, its package may be in flux
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    meta = adapters.read_meta(path)
+    mats = adapters.matrices(path)  # loads the base, which checks it against the recorded hash
+    if meta.get("base_model_hash"):
+        return meta["method"], meta["base_model_hash"], mats
+    # A plain PEFT LoRA directory records no base hash: key the cache by the W0s themselves.
+    h = hashlib.sha256()
+    for name, W0, _ in mats:
+        h.update(f"{name}:{tuple(W0.shape)}".encode())
+        h.update(W0.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return meta["method"], "w0-sha256:" + h.hexdigest(), mats
+
+
+def analyse_checkpoint(path, *, k=10, eps=0.5, side="left", layers=None, cache_dir=None,
+                       progress=True, inputs=None):
+    """Every adapted matrix of one checkpoint (filtered by the `layers` regex) → its record.
+
+    inputs: (method, base hash, matrices) to use instead of reading `path` (tests, callers
+    that already hold the matrices).
+    """
+    method, base_hash, mats = inputs if inputs is not None else _checkpoint_inputs(path)
+    if layers is not None:
+        chosen = [t for t in mats if re.search(layers, t[0])]
+        if not chosen:
+            example = mats[0][0] if mats else "none"
+            raise AdapterError(f"--layers {layers!r} matches none of the {len(mats)} adapted matrices "
+                               f"of {path} (e.g. {example!r})")
+        mats = chosen
+    if not mats:
+        raise CheckpointError(f"{path}: no adapted matrices")
+    records, hits = [], 0
+    for name, W0, dW in tqdm(mats, desc=f"spectral {Path(path).name}", unit="matrix",
+                             disable=not progress):
+        V0, S0, hit = base_svd(W0, base_hash, name, side, cache_dir)
+        hits += hit
+        records.append(analyse_matrix(name, W0, dW, k=k, eps=eps, side=side, base=(V0, S0)))
+    total = sum(r["intruders"] for r in records)
+    return {
+        "path": str(path), "method": method, "base_model_hash": base_hash,
+        "num_matrices": len(records),
+        "total_intruders": total, "mean_intruders": total / len(records),
+        # the paper's curve: average count per adapted matrix at each ε of the grid
+        "sweep_total": [sum(r["sweep"][i] for r in records) for i in range(len(EPS_GRID))],
+        "sweep_mean": [sum(r["sweep"][i] for r in records) / len(records) for i in range(len(EPS_GRID))],
+        "base_svd_cache_hits": hits,
+        "layers": records,
+    }
+
+
+def _settings(k, eps, sweep_figure, side, layers, formats, spectrum_layer, cache_dir):
+    if not (k is None or (isinstance(k, int) and k >= 1)):
+        raise AdapterError(f"k must be a positive integer or 'all', got {k!r}")
+    if not 0 < eps <= 1:
+        raise AdapterError(f"eps must be in (0, 1], got {eps}")
+    if side not in SIDES:
+        raise AdapterError(f"--vectors must be 'left' or 'right', got {side!r}")
+    for pattern, flag in ((layers, "--layers"), (spectrum_layer, "--spectrum-layer")):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"{flag} {pattern!r} is not a valid regex: {e}") from None
+    import matplotlib.figure
+    supported = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    bad = [f for f in formats if f not in supported]
+    if bad:
+        raise AdapterError(f"unsupported figure format(s) {bad}; choose from {sorted(supported)}")
+    return {
+        "k": "all" if k is None else k, "eps": eps, "sweep_figure": sweep_figure,
+        "eps_grid": list(EPS_GRID), "vectors": side, "layers": layers,
+        "spectrum_layer": spectrum_layer, "formats": list(formats),
+        "svd": "torch.linalg.svd, float64, thin", "one_tolerance": ONE_TOL,
+        "cache_dir": str(cache_dir or default_dir()),
+        "definition": "c_j = max_i |<v_j(W), v_i(W0)>| for the top-k singular vectors of "
+                      "W = W0 + dW; intruder when c_j < eps",
+    }
+
+
+def run(paths, k=10, eps=0.5, sweep=False, vectors="left", layers=None, out=None,
+        formats=("png", "pdf"), spectrum_layer=None, cache_dir=None, progress=True):
+    """Analyse checkpoints; return the spectral.json dict, and write it + figures to `out` if given.
+
+    k: int or "all"/None. sweep: also draw the ε-sweep figure (the sweep counts are always in
+    the JSON). Nothing is written unless every checkpoint was analysed.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise AdapterError("no checkpoints given")
+    k = None if k in (None, "all") else k
+    settings = _settings(k, eps, sweep, vectors, layers, tuple(formats), spectrum_layer, cache_dir)
+    checkpoints = [analyse_checkpoint(p, k=k, eps=eps, side=vectors, layers=layers,
+                                      cache_dir=cache_dir, progress=progress) for p in paths]
+    result = {"settings": settings, "checkpoints": checkpoints}
+    settings["spectrum_matrix"] = _spectrum_matrix(checkpoints, spectrum_layer)
+    if out is not None:
+        # figures first, the JSON last: a spectral.json present means the run completed
+        result["figures"] = [str(p) for p in plot_all(result, out, formats, sweep)]
+        write_json(Path(out) / "spectral.json", result)
+    return result
+
+
+# ---------------------------------------------------------------- figures
+def _labels(checkpoints):
+    """Legend label per checkpoint: the method's paper name, plus the directory when repeated."""
+    methods = [c["method"] for c in checkpoints]
+    return [style.label(m) + (f" ({Path(c['path']).name})" if methods.count(m) > 1 else "")
+            for m, c in zip(methods, checkpoints)]
+
+
+def plot_sweep(result, out, formats):
+    import matplotlib.pyplot as plt
+    s = result["settings"]
+    fig, ax = plt.subplots()
+    for c, lab in zip(result["checkpoints"], _labels(result["checkpoints"])):
+        ax.plot(s["eps_grid"], c["sweep_mean"], label=lab, color=style.color(c["method"]),
+                linestyle=style.linestyle(c["method"]), marker="o", markersize=2.5)
+    ax.set_xlabel("threshold ε")
+    ax.set_ylabel("intruders per adapted matrix")
+    ax.set_title(("all" if s["k"] == "all" else f"top-{s['k']}") + f" {s['vectors']} singular vectors of W")
+    ax.set_xlim(0, 1.02)
+    ax.legend(frameon=False)
+    return style.save(fig, out, "intruders_sweep", formats)
+
+
+def _layer_module(name):
+    """'bert.encoder.layer.3.attention.self.query' → ('3', 'attention.self.query')."""
+    m = re.match(r"^(?:.*?\.)?(\d+)\.(.+)$", name)
+    return (m.group(1), m.group(2)) if m else ("–", name)
+
+
+def plot_heatmap(result, out, formats):
+    import matplotlib.pyplot as plt
+    cks = result["checkpoints"]
+    fig, axes = plt.subplots(1, len(cks), figsize=(3.2 * len(cks) + 0.8, 3.6), squeeze=False)
+    vmax = max(max(r["intruders"] for r in c["layers"]) for c in cks) or 1
+    for ax, c, lab in zip(axes[0], cks, _labels(cks)):
+        cells = {_layer_module(r["name"]): r["intruders"] for r in c["layers"]}
+        rows = sorted({r for r, _ in cells}, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0, r))
+        cols = list(dict.fromkeys(col for _, col in cells))  # forward order
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for (r, col), v in cells.items():
+            grid[rows.index(r), cols.index(col)] = v
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_ylabel("layer")
+        ax.set_title(lab)
+        ax.grid(False)
+        if grid.size <= 144:  # numbers stay legible up to about 12 × 12 cells
+            for (i, j), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(j, i, int(v), ha="center", va="center", fontsize=6,
+                            color="white" if v < vmax / 2 else "black")
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"intruders (ε = {result['settings']['eps']})")
+    return style.save(fig, out, "intruders_heatmap", formats)
+
+
+def _spectrum_matrix(checkpoints, spectrum_layer=None):
+    """Name of the matrix the spectrum figure shows: the first analysed one matching the regex."""
+    names = [r["name"] for r in checkpoints[0]["layers"]]
+    if spectrum_layer is not None:
+        names = [n for n in names if re.search(spectrum_layer, n)]
+        if not names:
+            raise AdapterError(f"--spectrum-layer {spectrum_layer!r} matches no analysed matrix "
+                               f"of {checkpoints[0]['path']}")
+    return names[0]
+
+
+def plot_spectrum(result, out, formats):
+    import matplotlib.pyplot as plt
+    cks = result["checkpoints"]
+    name = result["settings"]["spectrum_matrix"]
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(8.4, 3.2), layout="constrained")
+    S0 = None
+    for c, lab in zip(cks, _labels(cks)):
+        rec = next((r for r in c["layers"] if r["name"] == name), None)
+        if rec is None:
+            continue
+        S0, S = np.array(rec["singular_values_W0"]), np.array(rec["singular_values_W"])
+        i = np.arange(1, len(S) + 1)
+        kw = dict(color=style.color(c["method"]), linestyle=style.linestyle(c["method"]), label=lab)
+        ax.plot(i, S, **kw)
+        ax_d.plot(i, S - S0, **kw)
+    ax.plot(np.arange(1, len(S0) + 1), S0, color="black", linewidth=0.9, label="W0")
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("σ_i")
+    ax.set_title(name, fontsize=7)
+    ax.legend(frameon=False)
+    ax_d.axhline(0, color="black", linewidth=0.6)
+    ax_d.set_xscale("log")
+    ax_d.set_xlabel("index i")
+    ax_d.set_ylabel("σ_i(W) − σ_i(W0)")
+    return style.save(fig, out, "spectrum", formats)
+
+
+def plot_totals(result, out, formats):
+    import matplotlib.pyplot as plt
+    by_method = {}
+    for c in result["checkpoints"]:
+        by_method.setdefault(c["method"], []).append(c["total_intruders"])
+    methods = style.method_order(by_method)
+    fig, ax = plt.subplots()
+    for x, m in enumerate(methods):
+        v = by_method[m]
+        ax.bar(x, np.mean(v), color=style.color(m), width=0.7)
+        if len(v) > 1:  # several checkpoints (seeds) of one method: the bar is their mean
+            ax.plot([x] * len(v), v, "k.", markersize=4)
+    ax.set_xticks(range(len(methods)), [style.label(m) for m in methods], rotation=30, ha="right")
+    s = result["settings"]
+    ax.set_ylabel(f"total intruders (top-{s['k']}, ε = {s['eps']})")
+    ax.grid(axis="x", visible=False)
+    return style.save(fig, out, "intruders_total", formats)
+
+
+def plot_all(result, out, formats=("png", "pdf"), sweep_figure=False):
+    style.use()
+    paths = []
+    if sweep_figure:
+        paths += plot_sweep(result, out, formats)
+    paths += plot_heatmap(result, out, formats)
+    paths += plot_spectrum(result, out, formats)
+    paths += plot_totals(result, out, formats)
+    return paths
+
+
+# ---------------------------------------------------------------- CLI
+def table(result):
+    """Human-readable summary, one row per checkpoint."""
+    s = result["settings"]
+    head = f"{'method':<12} {'matrices':>8} {'intruders':>9} {'per matrix':>10} {'max ‖ΔW‖₂':>10}  path"
+    lines = [f"top-{s['k']} {s['vectors']} singular vectors, ε = {s['eps']}", head, "-" * len(head)]
+    for c in result["checkpoints"]:
+        n2 = max(r["delta_norm_2"] for r in c["layers"])
+        lines.append(f"{style.label(c['method']):<12} {c['num_matrices']:>8} {c['total_intruders']:>9} "
+                     f"{c['mean_intruders']:>10.3f} {n2:>10.4g}  {c['path']}")
+    return "\n".join(lines)
+
+
+def _k(text):
+    if text == "all":
+        return "all"
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k must be a positive integer or 'all', got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--k must be a positive integer or 'all', got {text!r}")
+    return k
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m analysis.spectral", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("--k", type=_k, default=10, help="top-k singular vectors of W, or 'all' (default 10)")
+    p.add_argument("--eps", type=float, default=0.5, help="intruder threshold ε (default 0.5)")
+    p.add_argument("--sweep", action="store_true", help="draw the ε-sweep figure (counts are always in the JSON)")
+    p.add_argument("--vectors", choices=SIDES, default="left")
+    p.add_argument("--layers", default=None, metavar="REGEX", help="analyse matrices whose name matches")
+    p.add_argument("--spectrum-layer", default=None, metavar="REGEX",
+                   help="matrix for the spectrum figure (default: the first analysed)")
+    p.add_argument("--out", default="spectral", metavar="DIR", help="output directory (default ./spectral)")
+    p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated")
+    p.add_argument("--cache-dir", default=None, help="SVD cache ($BEYOND_LORA_CACHE or ~/.cache/beyond-lora/svd)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+@cli
+def main(argv=None):
+    a = parser().parse_args(argv)
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    result = run(a.checkpoints, k=a.k, eps=a.eps, sweep=a.sweep, vectors=a.vectors, layers=a.layers,
+                 out=a.out, formats=formats, spectrum_layer=a.spectrum_layer, cache_dir=a.cache_dir,
+                 progress=not a.no_progress)
+    print(table(result))
+    print(f"wrote {Path(a.out) / 'spectral.json'} and {len(result['figures'])} figure files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""python -m bounds CKPT [CKPT ...]: generalization bounds per checkpoint, and their agreement with Ĝ.
+
+Bad input (σ ≤ 0, bits ≤ 0, missing statistics without --n-examples, a corrupt checkpoint) gives
+one line `error: ...` on stderr and exit status 2; nothing is written then.
+"""
+import argparse
+import json
+import math
+import sys
+
+from tqdm import tqdm
+
+from adapters.errors import AdapterError, cli
+from bounds.report import (checkpoint_row, compare, to_latex, to_markdown, write_text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line + exit 2 through the shared `cli` wrapper
+        raise AdapterError(message)
+
+
+def parse_args(argv):
+    p = _Parser(prog="python -m bounds", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories (ours or plain PEFT LoRA)")
+    p.add_argument("--format", choices=("md", "latex", "json"), default="md")
+    p.add_argument("--out", help="write here (atomically) instead of stdout")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sigma", type=float, help="sub-Gaussian constant σ of the loss (user-given)")
+    g.add_argument("--loss-clip", type=float, metavar="B",
+                   help="clip the loss at B: the bound then holds for min(ℓ, B), σ = B/2")
+    g.add_argument("--sigma-from", choices=("max-loss",),
+                   help="σ = (largest per-example loss seen)/2: a heuristic (the default)")
+    p.add_argument("--n-examples", type=int,
+                   help="|N| (overrides n_train; required when training_stats.json is absent)")
+    p.add_argument("--bits", type=float, help="bits q per trained scalar (default: from the checkpoint)")
+    t = p.add_argument_group("Theorem 1 (an abstraction for transformers)")
+    t.add_argument("--lipschitz", type=float, default=1.0,
+                   help="Lipschitz constant λ of the maps between adapted layers (default 1)")
+    t.add_argument("--input-bound", type=float, default=1.0, help="C with ‖x‖ ≤ C at the first adapted layer")
+    t.add_argument("--loss-lipschitz", type=float, default=1.0, help="Lipschitz constant L_ℓ of the loss")
+    t.add_argument("--act-zero-norm", type=float, default=0.0,
+                   help="‖σ_l(0)‖ (0 for ReLU/GELU/tanh; only sigmoid-like maps add offset terms)")
+    t.add_argument("--convention", choices=("derived", "literal"), default="derived",
+                   help="offset rule: derived (valid) or the paper's literal printed rule (not a valid bound)")
+    t.add_argument("--no-theorem1", action="store_true", help="skip Theorem 1 (needs no model weights then)")
+    args = p.parse_args(argv)
+    for name in ("sigma", "loss_clip", "bits"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise AdapterError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+    if args.n_examples is not None and args.n_examples <= 0:
+        raise AdapterError(f"--n-examples must be > 0, got {args.n_examples}")
+    for name in ("lipschitz", "input_bound", "loss_lipschitz", "act_zero_norm"):
+        v = getattr(args, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise AdapterError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {v}")
+    return args
+
+
+def _finite(x):
+    """Strict JSON: an overflowed Φ (inf) becomes null; its log10_* value beside it is kept."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    t1 = None if args.no_theorem1 else dict(
+        act_lipschitz=args.lipschitz, input_bound=args.input_bound, loss_lipschitz=args.loss_lipschitz,
+        act_zero_norm=args.act_zero_norm, convention=args.convention)
+    rows = [checkpoint_row(path, sigma=args.sigma, loss_clip=args.loss_clip, sigma_from=args.sigma_from,
+                           n_examples=args.n_examples, bits=args.bits, theorem1_options=t1)
+            for path in tqdm(args.checkpoints, desc="checkpoints", disable=None)]
+    comparison = compare(rows)
+    if args.format == "json":
+        if comparison:
+            for r in rows:
+                r["kendall_tau"] = comparison
+        text = json.dumps(_finite(rows), indent=2, allow_nan=False) + "\n"
+    else:
+        text = (to_markdown if args.format == "md" else to_latex)(rows, comparison)
+    if args.out:
+        write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Mutual-information generalization bound and the trained-scalar counts that feed it (THEORY.md §1).
+
+If the loss is σ-sub-Gaussian, |E G| ≤ sqrt(2 σ² I(S; W) / |N|) (Xu & Raginsky, 2017), and
+I(S; W) ≤ H(trained scalars) ≤ P · q · ln 2 nats for P scalars stored in q bits each, so
+
+    G ≤ sqrt( 2 q σ² ln2 · P / |N| ).
+"""
+import math
+
+from adapters.errors import AdapterError
+
+# Methods whose per-layer count is r·(m+n) (both factors trained) or r·n (only B, or PaCA's r columns).
+_BOTH_FACTORS = {"lora", "lora_plus", "cola"}
+_B_ONLY = {"asym", "cla", "rcla", "paca", "dpaca", "rac", "c3la", "rc3la"}
+_CHAINED = {"cola", "rac", "c3la", "rc3la"}
+METHODS = sorted(_BOTH_FACTORS | _B_ONLY | {"fft", "head"})
+
+
+def mi_bound(trained_parameters, n_examples, sigma, bits):
+    """sqrt(2 q σ² ln2 · P / |N|): the bound on the expected generalization error (loss units)."""
+    if not (isinstance(trained_parameters, int) or float(trained_parameters).is_integer()) \
+            or trained_parameters < 0:
+        raise AdapterError(f"trained_parameters must be a non-negative integer, got {trained_parameters!r}")
+    if not n_examples > 0:
+        raise AdapterError(f"n_examples must be > 0, got {n_examples!r}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise AdapterError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if not (bits > 0 and math.isfinite(bits)):
+        raise AdapterError(f"bits must be > 0, got {bits!r}")
+    return math.sqrt(2.0 * bits * sigma ** 2 * math.log(2.0) * trained_parameters / n_examples)
+
+
+def sigma_from_range(loss_max, loss_min=0.0):
+    """Hoeffding: a loss in [a, b] is (b − a)/2-sub-Gaussian. Cross-entropy has a = 0."""
+    if not (loss_max > loss_min and math.isfinite(loss_max)):
+        raise AdapterError(f"loss bound must be finite and > {loss_min}, got {loss_max!r}")
+    return (loss_max - loss_min) / 2.0
+
+
+def formula_parameters(method, rank, chain_length, layers):
+    """Adapter scalars by METHODS.md "Trainable-parameter counts"; layers = [(m_i, n_i)] (in, out).
+
+    lora, lora_plus: r(m+n); asym, cla, rcla, paca, dpaca: r·n; cola: k·r(m+n);
+    rac, c3la, rc3la: k·r·n; fft: m·n per adapted matrix (weights only, biases/norms/head are
+    counted from the tensors); head: 0 adapter scalars (the head is counted separately).
+    """
+    if method not in METHODS:
+        raise AdapterError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "head":
+        return 0
+    if method == "fft":
+        return sum(m * n for m, n in layers)
+    if not (isinstance(rank, int) and rank > 0):
+        raise AdapterError(f"rank must be a positive integer, got {rank!r}")
+    k = chain_length if method in _CHAINED else 1
+    if not (isinstance(k, int) and k > 0):
+        raise AdapterError(f"chain_length must be a positive integer, got {chain_length!r}")
+    if method in _BOTH_FACTORS:
+        return k * rank * sum(m + n for m, n in layers)
+    return k * rank * sum(n for _, n in layers)

@@ -1,0 +1,361 @@
+"""Bounds for checkpoints: one row per checkpoint, the comparison across them, and the tables.
+
+A row holds the MI bound (THEORY.md §1) from the trained-scalar count P of the checkpoint, its
+cross-check against the METHODS.md formula, Theorem 1's Φ_ΔW and Φ_W0 from the spectral norms of
+W0 and ΔW (§2), the paper's form Φ_W0 + sqrt(...), and the empirical gap from training_stats.json.
+"""
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from adapters.errors import AdapterError, CheckpointError
+from bounds.mi import formula_parameters, mi_bound, sigma_from_range
+from bounds.spectral_norm import lowrank_spectral_norm, spectral_norm
+from bounds.theorem1 import theorem1
+
+TRANSFORMER_NOTE = ("Theorem 1 treats the adapted linear maps, in forward order, as one chain with "
+                    "everything between them a Lipschitz map of the given constant: an abstraction "
+                    "for transformers, exact only for plain MLPs")
+
+
+# -- σ: where the sub-Gaussian constant comes from (THEORY.md §1) ---------------------------------
+
+def resolve_sigma(stats, sigma=None, loss_clip=None, sigma_from=None):
+    """(σ, source label, heuristic?) from exactly one of --sigma, --loss-clip B, --sigma-from max-loss."""
+    if sigma is not None:
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise AdapterError(f"--sigma must be a finite number > 0, got {sigma}")
+        return sigma, f"--sigma {sigma:g} (user-given)", False
+    if loss_clip is not None:
+        return (sigma_from_range(loss_clip),
+                f"--loss-clip {loss_clip:g}: σ = B/2, the bound holds for the clipped loss min(ℓ, {loss_clip:g})",
+                False)
+    # Default and --sigma-from max-loss: B = the largest per-example loss seen (a heuristic).
+    seen = {k: stats[k] for k in ("train_loss_max", "test_loss_max") if stats and stats.get(k) is not None}
+    if not seen:
+        raise AdapterError("no per-example loss maximum in training_stats.json (train_loss_max/"
+                           "test_loss_max): pass --sigma S or --loss-clip B")
+    try:
+        seen = {k: float(v) for k, v in seen.items()}
+    except (TypeError, ValueError):
+        raise CheckpointError(f"training_stats.json: loss maxima must be numbers, got {seen}") from None
+    key = max(seen, key=seen.get)
+    how = "--sigma-from max-loss" if sigma_from else "default (--sigma-from max-loss)"
+    return (sigma_from_range(float(seen[key])),
+            f"HEURISTIC {how}: σ = B/2 with B = {key} = {seen[key]:.4g}, the largest per-example loss seen",
+            True)
+
+
+# -- trained scalars -------------------------------------------------------------------------------
+
+def _peft_parameters(path):
+    """For a plain PEFT LoRA directory: count the trained tensors (lora_A, lora_B, modules_to_save)."""
+    from safetensors import SafetensorError, safe_open
+    file = Path(path) / "adapter_model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if ".lora_" in k}
+    except FileNotFoundError:
+        raise CheckpointError(f"weights not found: {file}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt weights file {file}: {e}") from None
+    layers = []
+    for key, (r, m) in ((k, s) for k, s in shapes.items() if k.endswith(".lora_A.weight")):
+        n = shapes.get(key.replace(".lora_A.", ".lora_B."), (None,))[0]
+        if n is None:
+            raise CheckpointError(f"corrupt adapter {path}: {key} has no lora_B")
+        layers.append(dict(name=key[:-len(".lora_A.weight")], m=m, n=n, trained=r * (m + n)))
+    if not layers:
+        raise CheckpointError(f"corrupt adapter {path}: no LoRA weights in {file.name}")
+    head = sum(math.prod(s) for k, s in shapes.items() if ".lora_" not in k)
+    adapter = sum(layer["trained"] for layer in layers)
+    bits = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}.get(dtypes.pop() if len(dtypes) == 1 else None, 32)
+    return dict(layers=layers, adapter=adapter, head=head, other=0, total=adapter + head), bits
+
+
+def parameter_counts(path, meta):
+    """(counts as in adapters.trained_parameters, bits, formula adapter count, formula_match)."""
+    if meta.get("peft"):
+        counts, bits = _peft_parameters(path)
+    else:
+        counts, bits = meta.get("parameters"), meta.get("bits")
+        if not isinstance(counts, dict) or not {"layers", "adapter", "head", "total"} <= set(counts):
+            raise CheckpointError(f"{path}: adapters_meta.json has no valid 'parameters' entry")
+    try:
+        layers = [(int(layer["m"]), int(layer["n"])) for layer in counts["layers"]]
+        totals = {k: int(counts.get(k, 0)) for k in ("adapter", "head", "other", "total")}
+        counts = dict(layers=counts["layers"], **totals)
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: adapters_meta.json 'parameters' needs integer counts "
+                              "and m, n per layer") from None
+    method, rank, k = meta.get("method"), meta.get("rank"), meta.get("chain_length", 1)
+    if method not in ("fft", "head") and not (isinstance(rank, int) and isinstance(k, int)):
+        raise CheckpointError(f"{path}: adapters_meta.json needs integer rank and chain_length for {method!r}")
+    formula = formula_parameters(method, rank, k, layers)
+    # fft: the formula counts the weight matrices only; biases and norms sit in "other".
+    match = None if method == "fft" else formula == counts["adapter"]
+    return counts, bits, formula, match
+
+
+# -- Theorem 1 inputs: a_l = ‖W0^l‖₂, b_l = ‖ΔW^l‖₂ ------------------------------------------------
+
+def layer_norms(path):
+    """[(name, a_l, b_l)] in forward order; b_l by the r×r trick where the update is low rank."""
+    import adapters
+    factors = adapters.lowrank_factors(path)
+    out = []
+    for name, W0, dW in tqdm(adapters.matrices(path), desc="spectral norms", leave=False, disable=None):
+        b = lowrank_spectral_norm(*factors[name]) if name in factors else spectral_norm(dW)
+        out.append((name, spectral_norm(W0), b))
+    return out
+
+
+def theorem1_terms(path, *, act_lipschitz, input_bound, loss_lipschitz, act_zero_norm, convention):
+    try:
+        norms = layer_norms(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (Theorem 1 needs the weights; --no-theorem1 skips it)") from None
+    settings = dict(convention=convention, act_lipschitz=act_lipschitz, act_zero_norm=act_zero_norm,
+                    input_bound=input_bound, loss_lipschitz=loss_lipschitz, note=TRANSFORMER_NOTE)
+    if not norms:
+        return dict(settings, layers=0, skipped="no adapted matrices")
+    a = [x[1] for x in norms]
+    b = [x[2] for x in norms]
+    t = theorem1(a, b, act_lipschitz, act_zero_norm, input_bound, loss_lipschitz, convention)
+    return dict(settings, **t, norms=[dict(name=n, base=x, delta=y) for n, x, y in norms])
+
+
+# -- one checkpoint ---------------------------------------------------------------------------------
+
+def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examples=None, bits=None,
+                   theorem1_options=None):
+    """Everything the report shows for one checkpoint, as a JSON-ready dict."""
+    import adapters
+    path = str(path)
+    meta = adapters.read_meta(path)
+    stats_file = Path(path) / "training_stats.json"
+    stats = adapters.read_stats(path) if stats_file.exists() else None
+    if stats is not None and not isinstance(stats, dict):
+        raise CheckpointError(f"corrupt training statistics {stats_file}: not a JSON object")
+    if n_examples is None:
+        if stats is None:
+            raise CheckpointError(f"{path}: no training_stats.json; pass --n-examples N")
+        n_examples = stats.get("n_train")
+        if not isinstance(n_examples, int):
+            raise CheckpointError(f"{path}: training_stats.json has no integer n_train; pass --n-examples N")
+    if n_examples <= 0:
+        raise AdapterError(f"number of training examples must be > 0, got {n_examples}")
+    counts, meta_bits, formula, match = parameter_counts(path, meta)
+    q = bits if bits is not None else meta_bits
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (q > 0 and math.isfinite(q)):
+        raise AdapterError(f"{path}: bits per trained scalar must be > 0, got {q!r}")
+    s, sigma_source, heuristic = resolve_sigma(stats, sigma, loss_clip, sigma_from)
+    P = int(counts["total"])
+    extra = P - int(counts["adapter"])  # head + anything else trained: part of P in both counts
+    row = dict(
+        path=path, method=meta.get("method"), rank=meta.get("rank"), chain_length=meta.get("chain_length", 1),
+        n_train=int(n_examples), n_test=(stats or {}).get("n_test"), bits=q, sigma=s,
+        sigma_source=sigma_source, sigma_heuristic=heuristic,
+        trained_parameters=P, adapter_parameters=int(counts["adapter"]), head_parameters=int(counts["head"]),
+        other_parameters=int(counts.get("other", 0)), formula_adapter_parameters=formula,
+        formula_match=match, mi_bound=mi_bound(P, n_examples, s, q),
+        mi_bound_formula=mi_bound((formula if meta.get("method") != "fft" else 0) + extra, n_examples, s, q),
+        empirical_gap=_gap(stats), train_loss=(stats or {}).get("train_loss"),
+        test_loss=(stats or {}).get("test_loss"), theorem1=None, paper_bound=None, log10_paper_bound=None)
+    if theorem1_options is not None:
+        t = theorem1_terms(path, **theorem1_options)
+        row["theorem1"] = t
+        if t.get("layers"):
+            # Paper's form: G ≤ G(ΔW) + Φ_W0 with G(ΔW) ≤ the square-root (MI) term.
+            log10 = _log10_sum(t["log10_phi_base"], math.log10(row["mi_bound"]) if row["mi_bound"] > 0 else -math.inf)
+            row["log10_paper_bound"] = log10
+            row["paper_bound"] = 10.0 ** log10 if log10 < 308 else math.inf
+    return row
+
+
+def _gap(stats):
+    """Ĝ = L_test − L_train (signed) from training_stats.json, None when it is not there."""
+    if not stats:
+        return None
+    if stats.get("generalization_gap") is not None:
+        return float(stats["generalization_gap"])
+    if stats.get("test_loss") is not None and stats.get("train_loss") is not None:
+        return float(stats["test_loss"]) - float(stats["train_loss"])
+    return None
+
+
+def _log10_sum(x, y):
+    """log10(10^x + 10^y) without overflow."""
+    hi, lo = max(x, y), min(x, y)
+    return hi if lo == -math.inf else hi + math.log10(1.0 + 10.0 ** (lo - hi))
+
+
+# -- several checkpoints -----------------------------------------------------------------------------
+
+def kendall(rows, key):
+    """Kendall τ between the ordering by `key` and by the empirical gap, over rows that have both."""
+    from scipy.stats import kendalltau
+    pairs = [(r[key], r["empirical_gap"]) for r in rows
+             if r.get(key) is not None and r["empirical_gap"] is not None]
+    if len(pairs) < 2:
+        return dict(tau=None, p_value=None, n=len(pairs))
+    res = kendalltau(*zip(*pairs))
+    clean = lambda v: None if v is None or np.isnan(v) else float(v)  # noqa: E731  (nan: a constant column)
+    return dict(tau=clean(res.statistic), p_value=clean(res.pvalue), n=len(pairs))
+
+
+def compare(rows):
+    """Rank agreement of each bound with the empirical gap (None for a single checkpoint)."""
+    if len(rows) < 2:
+        return None
+    return {"mi_bound": kendall(rows, "mi_bound"), "paper_bound": kendall(rows, "log10_paper_bound")}
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+def write_text(path, text):
+    """Write text atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fmt(x, digits=4):
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def _rk(row):
+    """r and k mean nothing for full fine-tuning or a trained head."""
+    return ("–", "–") if row["method"] in ("fft", "head") else (fmt(row["rank"]), fmt(row["chain_length"]))
+
+
+def _paper(row):
+    lg = row.get("log10_paper_bound")
+    if lg is None:
+        return "–"
+    return fmt(row["paper_bound"]) if lg < 6 else f"10^{lg:.2f}"
+
+
+def _log10(row, key):
+    t = row.get("theorem1") or {}
+    return fmt(t.get(f"log10_phi_{key}")) if t.get("layers") else "–"
+
+
+def to_markdown(rows, comparison):
+    from analysis.style import label
+    head = ["method", "r", "k", "\\|N\\|", "q", "σ", "P adapter", "P head", "P total", "formula (adapter)",
+            "MI bound", "Φ_W0 + √ (paper)", "log10 Φ_ΔW", "log10 Φ_W0", "Ĝ (empirical)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        check = fmt(r["formula_adapter_parameters"]) + (
+            "" if r["formula_match"] is None else " ✓" if r["formula_match"] else " ✗ MISMATCH")
+        cells = [label(r["method"]), *_rk(r), fmt(r["n_train"]), fmt(r["bits"]),
+                 fmt(r["sigma"]) + ("*" if r["sigma_heuristic"] else ""), fmt(r["adapter_parameters"]),
+                 fmt(r["head_parameters"]), fmt(r["trained_parameters"]), check, fmt(r["mi_bound"]),
+                 _paper(r), _log10(r, "delta"), _log10(r, "base"), fmt(r["empirical_gap"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += _notes(rows, comparison)
+    return "\n".join(lines) + "\n"
+
+
+def _notes(rows, comparison):
+    notes = ["MI bound = sqrt(2 q σ² ln2 · P / |N|) with P = all trained scalars (adapter + head + other); "
+             "it alone bounds the expected generalization error (W0 does not depend on the data)."]
+    for r in rows:
+        notes.append(f"{r['path']}: σ from {r['sigma_source']}.")
+        t = r.get("theorem1")
+        if t and t.get("layers"):
+            notes.append(f"{r['path']}: Theorem 1 ({t['convention']}) over {t['layers']} adapted matrices, "
+                         f"λ = {t['act_lipschitz']:g}, ‖σ(0)‖ = {t['act_zero_norm']:g}, C = {t['input_bound']:g}, "
+                         f"L_ℓ = {t['loss_lipschitz']:g}.")
+        elif t:
+            notes.append(f"{r['path']}: Theorem 1 not computed: {t['skipped']}.")
+        if r["method"] == "fft":
+            notes.append(f"{r['path']}: fft formula = Σ m_i n_i over the weight matrices only; P counts every "
+                         "trained tensor (biases, norms, embeddings, head).")
+        if r["formula_match"] is False:
+            notes.append(f"{r['path']}: WARNING counted adapter scalars {r['adapter_parameters']:,} differ from "
+                         f"the METHODS.md formula {r['formula_adapter_parameters']:,}.")
+    if any(r.get("theorem1") for r in rows):
+        notes.append(TRANSFORMER_NOTE + ".")
+    if any(r["sigma_heuristic"] for r in rows):
+        notes.append("* σ from the largest per-example loss seen: a heuristic, not a guarantee.")
+    if comparison:
+        for key, name in (("mi_bound", "MI bound"), ("paper_bound", "paper's form Φ_W0 + √")):
+            c = comparison[key]
+            notes.append(f"Kendall τ ({name} vs empirical gap Ĝ, n = {c['n']}): "
+                         + ("n/a" if c["tau"] is None else f"{c['tau']:.3f} (p = {c['p_value']:.3g})"))
+    return [f"- {n}" for n in notes]
+
+
+def to_latex(rows, comparison):
+    """A booktabs table: methods grouped as full FT / LoRA family / sparse variants."""
+    from analysis.style import METHOD_GROUPS, label, method_order
+    cols = ["Method", "$r$", "$k$", "$P$", "$|N|$", "MI bound", r"$\Phi_{W_0}+\sqrt{\cdot}$", r"$\hat G$"]
+    out = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}",
+           r"\toprule", " & ".join(cols) + r" \\", r"\midrule"]
+    grouped = {g: [r for r in rows if r["method"] in ms] for g, ms in METHOD_GROUPS.items()}
+    known = {m for ms in METHOD_GROUPS.values() for m in ms}
+    grouped["other"] = [r for r in rows if r["method"] not in known]
+    first = True
+    for group, members in grouped.items():
+        if not members:
+            continue
+        if not first:
+            out.append(r"\midrule")
+        first = False
+        out.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\emph{{{_tex(group)}}}}} \\")
+        order = method_order([r["method"] for r in members])
+        for r in sorted(members, key=lambda r: order.index(r["method"])):
+            paper = _paper(r)
+            if paper.startswith("10^"):
+                paper = rf"$10^{{{paper[3:]}}}$"
+            cells = [_tex(label(r["method"])), *_rk(r),
+                     fmt(r["trained_parameters"]).replace(",", "{,}"), fmt(r["n_train"]).replace(",", "{,}"),
+                     fmt(r["mi_bound"]), paper, fmt(r["empirical_gap"])]
+            out.append(" & ".join(_tex_cell(c) for c in cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    sig = "; ".join(sorted({_tex(r["sigma_source"]) for r in rows}))
+    caption = (r"Generalization bounds: MI bound $\sqrt{2q\sigma^2\ln 2\,P/|N|}$ over all $P$ trained scalars, "
+               rf"the paper's form $\Phi_{{W_0}}+\sqrt{{\cdot}}$, and the empirical gap $\hat G$. $\sigma$: {sig}.")
+    if comparison:
+        tau = comparison["mi_bound"]["tau"]
+        caption += (r" Kendall $\tau$ (MI bound vs $\hat G$) "
+                    + (r"undefined (constant column)." if tau is None else rf"$= {tau:.2f}$."))
+    out += [rf"\caption{{{caption}}}", r"\label{tab:bounds}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def _tex_cell(c):
+    """A table cell: "–" (missing) as an en dash, a minus sign in math mode."""
+    if c == "–":
+        return "--"
+    return "$-$" + c[1:] if c.startswith("-") else c
+
+
+def _tex(s):
+    for a, b in (("\\", r"\textbackslash{}"), ("--", "-{}-"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                 ("$", r"\$"), ("σ", r"$\sigma$"), ("ℓ", r"$\ell$"), ("−", "-"), ("–", "--")):
+        s = s.replace(a, b)
+    return s

@@ -1,0 +1,336 @@
+"""python -m bounds: rows on fabricated and real checkpoints, σ options, tables, Kendall τ, bad input."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bounds
+from bounds.__main__ import main
+
+LN2 = math.log(2.0)
+LAYERS = [dict(name="l1", m=10, n=20), dict(name="l2", m=20, n=5), dict(name="l3", m=5, n=8)]
+HEAD = 42
+R, K = 4, 3
+
+
+def hand_count(method):
+    """METHODS.md counts written out per layer for LAYERS, r = 4, k = 3 (the chained methods)."""
+    per_layer = {
+        "lora": lambda m, n: R * (m + n), "lora_plus": lambda m, n: R * (m + n),
+        "asym": lambda m, n: R * n, "cla": lambda m, n: R * n, "rcla": lambda m, n: R * n,
+        "paca": lambda m, n: R * n, "dpaca": lambda m, n: R * n,
+        "cola": lambda m, n: K * R * (m + n), "rac": lambda m, n: K * R * n,
+        "c3la": lambda m, n: K * R * n, "rc3la": lambda m, n: K * R * n,
+        "fft": lambda m, n: m * n + n,  # weight + bias, all trained
+        "head": lambda m, n: 0,
+    }[method]
+    return [per_layer(layer["m"], layer["n"]) for layer in LAYERS]
+
+
+def fabricate(directory, method, *, stats=None, bits=32, **meta_extra):
+    """A checkpoint directory by hand (docs/CHECKPOINT.md): adapters_meta.json + training_stats.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    counts = hand_count(method)
+    adapter = 0 if method == "fft" else sum(counts)
+    other = sum(counts) if method == "fft" else 0
+    meta = dict(format_version=1, method=method, rank=R, alpha=2 * R, scale=2.0,
+                chain_length=K if method in ("cola", "rac", "c3la", "rc3la") else 1, seed=0,
+                targets=[layer["name"] for layer in LAYERS], head=["classifier"], bits=bits,
+                parameters=dict(layers=[dict(layer, trained=c) for layer, c in zip(LAYERS, counts)],
+                                adapter=adapter, head=HEAD, other=other, total=adapter + HEAD + other))
+    meta.update(meta_extra)
+    (directory / "adapters_meta.json").write_text(json.dumps(meta))
+    if stats is not False:
+        stats = stats or dict(n_train=1000, n_test=200, train_loss=0.3, test_loss=0.45,
+                              generalization_gap=0.15, train_loss_max=3.0, test_loss_max=5.0)
+        (directory / "training_stats.json").write_text(json.dumps(stats))
+    return str(directory)
+
+
+def run_json(capsys, *argv):
+    assert main(["--format", "json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def run_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+ALL_METHODS = ["fft", "head", "lora", "lora_plus", "asym", "cla", "rcla", "cola", "rac", "c3la", "rc3la",
+               "paca", "dpaca"]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_mi_row_equals_closed_formula(tmp_path, capsys, method):
+    ckpt = fabricate(tmp_path / method, method, bits=16)
+    [row] = run_json(capsys, ckpt, "--sigma", "0.7", "--no-theorem1")
+    P = sum(hand_count(method)) + HEAD
+    assert row["trained_parameters"] == P
+    assert row["mi_bound"] == pytest.approx(math.sqrt(2 * 16 * 0.7 ** 2 * LN2 * P / 1000), rel=1e-14)
+    assert row["formula_match"] is (None if method == "fft" else True)
+    if method == "fft":
+        assert row["formula_adapter_parameters"] == sum(x["m"] * x["n"] for x in LAYERS)
+    for key in ("path", "method", "n_train", "bits", "sigma", "trained_parameters", "adapter_parameters",
+                "mi_bound", "empirical_gap"):
+        assert key in row
+    assert (row["method"], row["n_train"], row["bits"], row["sigma"], row["empirical_gap"]) == \
+        (method, 1000, 16, 0.7, 0.15)
+
+
+def test_formula_mismatch_is_flagged(tmp_path, capsys):
+    ckpt = fabricate(tmp_path / "c", "cola", chain_length=1)  # a chain that did not count its links
+    [row] = run_json(capsys, ckpt, "--sigma", "1", "--no-theorem1")
+    assert row["formula_match"] is False
+    assert main([ckpt, "--sigma", "1", "--no-theorem1"]) == 0
+    assert "WARNING" in capsys.readouterr().out
+
+
+def test_sigma_sources(tmp_path, capsys):
+    ckpt = fabricate(tmp_path / "c", "cla")
+    [row] = run_json(capsys, ckpt, "--loss-clip", "4", "--no-theorem1")
+    assert row["sigma"] == 2.0 and not row["sigma_heuristic"] and "clipped" in row["sigma_source"]
+    for argv in ([], ["--sigma-from", "max-loss"]):
+        [row] = run_json(capsys, ckpt, "--no-theorem1", *argv)
+        # B = the largest per-example loss seen = max(3.0, 5.0); σ = B/2.
+        assert row["sigma"] == 2.5 and row["sigma_heuristic"] and "HEURISTIC" in row["sigma_source"]
+    assert main([ckpt, "--no-theorem1"]) == 0
+    assert "heuristic" in capsys.readouterr().out
+
+
+def test_kendall_tau_between_bound_and_gap(tmp_path, capsys):
+    # MI bound grows with P: lora (r(m+n)) > cla (r n) > head (0); choose the gaps per case.
+    def tau_for(gaps):
+        ckpts = [fabricate(tmp_path / f"{m}{gaps}", m, stats=dict(n_train=100, generalization_gap=g))
+                 for m, g in zip(["head", "cla", "lora", "cola"], gaps)]
+        rows = run_json(capsys, *ckpts, "--sigma", "1", "--no-theorem1")
+        assert [r["mi_bound"] for r in rows] == sorted(r["mi_bound"] for r in rows)
+        return rows[0]["kendall_tau"]["mi_bound"]["tau"]
+    assert tau_for([0.1, 0.2, 0.3, 0.4]) == pytest.approx(1.0)
+    assert tau_for([0.4, 0.3, 0.2, 0.1]) == pytest.approx(-1.0)
+    assert tau_for([0.2, 0.1, 0.3, 0.4]) == pytest.approx((5 - 1) / 6)  # one discordant pair of six
+
+
+def test_markdown_and_latex_tables(tmp_path, capsys):
+    ckpts = [fabricate(tmp_path / m, m) for m in ("cla", "fft", "lora")]
+    out = tmp_path / "table.tex"
+    assert main([*ckpts, "--sigma", "1", "--no-theorem1", "--format", "latex", "--out", str(out)]) == 0
+    tex = out.read_text()
+    assert capsys.readouterr().out == ""
+    for needle in (r"\toprule", r"\midrule", r"\bottomrule", "Full FT", "LoRA", "cLA", "Kendall"):
+        assert needle in tex
+    # grouped in the paper's order: full FT, LoRA family, sparse variants
+    assert tex.index("full FT") < tex.index("LoRA family") < tex.index("sparse variants")
+    assert main([*ckpts, "--sigma", "1", "--no-theorem1"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("| method") and md.count("\n| ") == 3  # header, then one row per checkpoint
+    assert "Kendall τ" in md and "user-given" in md
+    assert not list(tmp_path.glob(".table.tex.*"))  # no temp file left behind
+
+
+# -- bad input: one line, exit 2, nothing written ---------------------------------------------------
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    good = fabricate(tmp_path / "good", "cla")
+    out = tmp_path / "out.json"
+    for argv in (["--sigma", "0"], ["--sigma", "-1"], ["--loss-clip", "0"], ["--bits", "0"], ["--bits", "-8"],
+                 ["--n-examples", "0"], ["--sigma", "abc"], ["--sigma", "1", "--loss-clip", "2"]):
+        run_error(capsys, good, "--no-theorem1", "--out", str(out), *argv)
+    assert "sigma" in run_error(capsys, good, "--sigma", "0")
+    # bits ≤ 0 in the checkpoint itself
+    run_error(capsys, fabricate(tmp_path / "bits0", "cla", bits=0), "--sigma", "1", "--no-theorem1")
+    # missing statistics without --n-examples; with it, it runs
+    nostats = fabricate(tmp_path / "nostats", "cla", stats=False)
+    assert "--n-examples" in run_error(capsys, nostats, "--sigma", "1", "--no-theorem1")
+    [row] = run_json(capsys, nostats, "--sigma", "1", "--no-theorem1", "--n-examples", "50")
+    assert row["n_train"] == 50 and row["empirical_gap"] is None
+    # no σ given and no loss maximum to fall back on
+    run_error(capsys, fabricate(tmp_path / "noloss", "cla", stats=dict(n_train=10)), "--no-theorem1")
+    # corrupt checkpoints: bad JSON, missing directory, no parameters, unknown method, not a checkpoint
+    bad = fabricate(tmp_path / "badjson", "cla")
+    (Path(bad) / "adapters_meta.json").write_text("{not json")
+    run_error(capsys, bad, "--sigma", "1", "--no-theorem1")
+    run_error(capsys, str(tmp_path / "missing"), "--sigma", "1")
+    run_error(capsys, fabricate(tmp_path / "noparams", "cla", parameters=None), "--sigma", "1", "--no-theorem1")
+    unknown = fabricate(tmp_path / "unknown", "cla")
+    meta = json.loads((Path(unknown) / "adapters_meta.json").read_text())
+    (Path(unknown) / "adapters_meta.json").write_text(json.dumps(dict(meta, method="c3a")))
+    assert "c3a" in run_error(capsys, unknown, "--sigma", "1", "--no-theorem1")
+    (tmp_path / "empty").mkdir()
+    run_error(capsys, str(tmp_path / "empty"), "--sigma", "1")
+    # statistics that are not an object; bits that are not a number
+    liststats = fabricate(tmp_path / "liststats", "cla")
+    (Path(liststats) / "training_stats.json").write_text("[1, 2]")
+    run_error(capsys, liststats, "--sigma", "1", "--no-theorem1")
+    run_error(capsys, fabricate(tmp_path / "bitsstr", "cla", bits="fp32"), "--sigma", "1", "--no-theorem1")
+    # a good checkpoint before a bad one: still nothing written
+    run_error(capsys, good, bad, "--sigma", "1", "--no-theorem1", "--out", str(out))
+    # Theorem 1 needs weights: a checkpoint without them is corrupt
+    run_error(capsys, good, "--sigma", "1")
+    assert not out.exists()
+
+
+def test_module_entry_point(tmp_path):
+    good = fabricate(tmp_path / "good", "cla")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    ok = subprocess.run([sys.executable, "-m", "bounds", good, "--sigma", "1", "--no-theorem1", "--format", "json"],
+                        capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and json.loads(ok.stdout)[0]["method"] == "cla"
+    bad = subprocess.run([sys.executable, "-m", "bounds", good, "--sigma", "0"], capture_output=True, text=True,
+                         env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and bad.stdout == ""
+
+
+# -- real checkpoints (adapters.apply + adapters.save on a tiny BERT) --------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from adapters import models
+    return models.tiny_model_dir(tmp_path_factory.mktemp("base") / "tiny-bert")
+
+
+def _trained_checkpoint(base, directory, method, chain_length=1, seed=0):
+    """A tiny BERT adapted with `method`, every trained scalar moved by noise (and chained links folded)."""
+    import adapters
+    from adapters import models
+    model = models.load_model(base, 2, seed=0)
+    base_model = copy.deepcopy(model)
+    h = models.weights_hash(model, exclude=models.head_names(model))
+    adapters.apply(model, method, rank=4, alpha=8, chain_length=chain_length)
+    g = torch.Generator().manual_seed(seed)
+    for link in range(chain_length):
+        if link:
+            adapters.next_link(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+    adapters.save(model, directory, base_model=base, base_model_hash=h)
+    stats = dict(n_train=200, n_test=100, train_loss=0.2, test_loss=0.2 + 0.01 * seed,
+                 train_loss_max=2.0, test_loss_max=2.5)
+    (Path(directory) / "training_stats.json").write_text(json.dumps(stats))
+    return model, base_model
+
+
+def _linear_weights(model, skip="classifier"):
+    return {n: m.weight.detach().double() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.startswith(skip)}
+
+
+@pytest.mark.parametrize("method,k", [("lora", 1), ("lora_plus", 1), ("asym", 1), ("cla", 1), ("rcla", 1),
+                                      ("paca", 1), ("dpaca", 1), ("cola", 2), ("rac", 3), ("c3la", 2),
+                                      ("rc3la", 3), ("fft", 1), ("head", 1)])
+def test_real_checkpoint_end_to_end(tmp_path, capsys, tiny_base, method, k):
+    import adapters
+    ckpt = str(tmp_path / method)
+    model, base_model = _trained_checkpoint(tiny_base, ckpt, method, chain_length=k)
+    opts = ["--sigma", "1", "--lipschitz", "1.3", "--input-bound", "2", "--loss-lipschitz", "1.5"]
+    [row] = run_json(capsys, ckpt, *opts)
+    # P from an independent count: the model's requires_grad tensors (one link) times k for the adapter.
+    head = sum(p.numel() for p in model.classifier.parameters())
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad
+                       and not n.startswith("classifier"))
+    assert row["trained_parameters"] == k * layer_params + head
+    assert row["mi_bound"] == pytest.approx(math.sqrt(2 * 32 * LN2 * row["trained_parameters"] / 200), rel=1e-14)
+    if method not in ("fft", "head"):
+        shapes = [(d.shape[1], d.shape[0]) for d in adapters.delta_weights(model).values()]
+        assert row["adapter_parameters"] == bounds.formula_parameters(method, 4, k, shapes) \
+            and row["formula_match"] is True
+    # Theorem 1 from dense norms computed here, independently of the r×r trick and adapters.matrices.
+    if method in ("fft", "head"):
+        w0, w1 = _linear_weights(base_model), _linear_weights(model)
+        dense = {n: (w0[n], w1[n] - w0[n]) for n in w0}
+    else:
+        base_w, delta = adapters.base_weights(model), adapters.delta_weights(model)
+        dense = {n: (base_w[n].double(), delta[n].double()) for n in delta}
+    t = row["theorem1"]
+    names = [x["name"] for x in t["norms"]]
+    assert sorted(names) == sorted(dense) and t["layers"] == len(dense)
+    a = [torch.linalg.matrix_norm(dense[n][0], ord=2).item() for n in names]
+    b = [torch.linalg.matrix_norm(dense[n][1], ord=2).item() for n in names]
+    assert [x["base"] for x in t["norms"]] == pytest.approx(a, rel=1e-6)
+    assert [x["delta"] for x in t["norms"]] == pytest.approx(b, rel=1e-5, abs=1e-7)
+    ref = bounds.theorem1(a, b, 1.3, 0.0, 2.0, 1.5)
+    if method == "head":
+        assert t["log10_phi_delta"] == -math.inf or t["phi_delta"] == 0  # ΔW = 0 everywhere
+    else:
+        assert t["log10_phi_delta"] == pytest.approx(ref["log10_phi_delta"], rel=1e-5)
+    assert t["log10_phi_base"] == pytest.approx(ref["log10_phi_base"], rel=1e-5)
+    assert row["log10_paper_bound"] == pytest.approx(math.log10(ref["phi_base"] + row["mi_bound"]), rel=1e-5)
+    assert "abstraction" in t["note"]
+
+
+def test_theorem1_options_reach_the_bound(tmp_path, capsys, tiny_base):
+    ckpt = str(tmp_path / "cla")
+    _trained_checkpoint(tiny_base, ckpt, "cla")
+    opts = ["--sigma", "1", "--act-zero-norm", "0.5", "--lipschitz", "0.25", "--input-bound", "3"]
+    [derived] = run_json(capsys, ckpt, *opts)
+    [literal] = run_json(capsys, ckpt, *opts, "--convention", "literal")
+    a = [x["base"] for x in derived["theorem1"]["norms"]]
+    b = [x["delta"] for x in derived["theorem1"]["norms"]]
+    for row, convention in ((derived, "derived"), (literal, "literal")):
+        ref = bounds.theorem1(a, b, 0.25, 0.5, 3.0, 1.0, convention)
+        assert row["theorem1"]["convention"] == convention
+        assert row["theorem1"]["log10_phi_delta"] == pytest.approx(ref["log10_phi_delta"], rel=1e-12)
+        assert row["theorem1"]["log10_phi_base"] == pytest.approx(ref["log10_phi_base"], rel=1e-12)
+    assert derived["theorem1"]["phi_delta"] != literal["theorem1"]["phi_delta"]
+
+
+def _peft_dir(base, out, task_type):
+    import peft
+    from adapters import models
+    model = models.load_model(base, 2, seed=0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
+                          task_type=task_type)
+    model = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    model.save_pretrained(str(out))
+    assert not (out / "adapters_meta.json").exists()
+    return model
+
+
+def _check_peft_counts(row):
+    # 2 layers × {query, value}, 32 → 32: r(m+n) each, plus the saved classifier (32·2 + 2).
+    assert row["method"] == "lora" and row["adapter_parameters"] == 4 * 4 * (32 + 32)
+    assert row["trained_parameters"] == 4 * 4 * (32 + 32) + 66 and row["formula_match"] is True
+    assert row["n_train"] == 50 and row["bits"] == 32
+
+
+def test_plain_peft_lora_directory_mi(tmp_path, capsys, tiny_base):
+    """A stock PEFT SEQ_CLS adapter: counts come from its tensors; no model load needed."""
+    out = tmp_path / "peft"
+    _peft_dir(tiny_base, out, "SEQ_CLS")
+    assert "--n-examples" in run_error(capsys, str(out), "--sigma", "1", "--no-theorem1")
+    [row] = run_json(capsys, str(out), "--sigma", "1", "--n-examples", "50", "--no-theorem1")
+    _check_peft_counts(row)
+
+
+def test_plain_peft_lora_directory_theorem1(tmp_path, capsys, tiny_base):
+    # No task_type: PEFT's SEQ_CLS adds "score" to modules_to_save, which adapters.load cannot map
+    # onto a BERT classifier (an adapters limitation, reported); the MI part above does not need it.
+    out = tmp_path / "peft"
+    model = _peft_dir(tiny_base, out, None)
+    [row] = run_json(capsys, str(out), "--sigma", "1", "--n-examples", "50")
+    _check_peft_counts(row)
+    # Theorem 1: ΔW = (α/r) B A from PEFT's own modules, dense.
+    dense = []
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            dW = mod.scaling["default"] * mod.lora_B["default"].weight @ mod.lora_A["default"].weight
+            dense.append(torch.linalg.matrix_norm(dW.double(), ord=2).item())
+    got = sorted(x["delta"] for x in row["theorem1"]["norms"])
+    assert len(got) == 4 and got == pytest.approx(sorted(dense), rel=1e-5)
