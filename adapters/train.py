@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, data, evaluate, models
 from .errors import AdapterError, cli
-from .inject import adapted_layers, apply, next_link, param_groups, trained_parameters
+from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json
 from .methods import get_method
 

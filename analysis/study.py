@@ -28,7 +28,6 @@ BUDGETS = {
                  landscape=dict(dims=1, grid=3, range=0.5, examples=16),
                  hessian=dict(top_k=1, examples=8, max_iter=4)),
 }
-DIAGNOSTICS = ("spectral", "landscape", "hessian")
 STUDY_FILE = "study.json"
 
 
@@ -36,23 +35,33 @@ def run_dir(runs, method, seed):
     return Path(runs) / f"{method}-s{seed}"
 
 
+def _spectral(ckpt, out, budget, progress):
+    from analysis import spectral
+    spectral.run([ckpt], k="all", eps=0.5, sweep=True, out=out, formats=("png",), progress=progress)
+
+
+def _landscape(ckpt, out, budget, progress):
+    from analysis import landscape
+    landscape.run(ckpt, out=out, space="trainable", directions="random", formats=("png",), progress=progress,
+                  **budget["landscape"])
+
+
+def _hessian(ckpt, out, budget, progress):
+    from analysis import hessian
+    hessian.run(ckpt, out=out, space="trainable", progress=progress, **budget["hessian"])
+
+
+# name -> how to compute it into a directory; each writes <name>.json there last (its completion mark).
+DIAGNOSE = {"spectral": _spectral, "landscape": _landscape, "hessian": _hessian}
+
+
 def diagnose(ckpt, which, budget, progress=False):
     """Compute one diagnostic for a checkpoint into ckpt/diagnostics/<which>/ (skipped if there)."""
+    if which not in DIAGNOSE:
+        raise AdapterError(f"unknown diagnostic {which!r}; choose from {', '.join(DIAGNOSE)}")
     out = Path(ckpt) / "diagnostics" / which
-    if (out / f"{which}.json").exists():
-        return
-    if which == "spectral":
-        from analysis import spectral
-        spectral.run([ckpt], k="all", eps=0.5, sweep=True, out=out, formats=("png",), progress=progress)
-    elif which == "landscape":
-        from analysis import landscape
-        landscape.run(ckpt, out=out, space="trainable", directions="random", formats=("png",),
-                      progress=progress, **budget["landscape"])
-    elif which == "hessian":
-        from analysis import hessian
-        hessian.run(ckpt, out=out, space="trainable", progress=progress, **budget["hessian"])
-    else:
-        raise AdapterError(f"unknown diagnostic {which!r}; choose from {', '.join(DIAGNOSTICS)}")
+    if not (out / f"{which}.json").exists():
+        DIAGNOSE[which](ckpt, out, budget, progress)
 
 
 def _check_settings(runs, settings):
@@ -70,7 +79,7 @@ def _check_settings(runs, settings):
 
 
 def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", model="minilm",
-          task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=3, diagnostics=DIAGNOSTICS,
+          task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=3, diagnostics=tuple(DIAGNOSE),
           progress=True, **overrides):
     """Train every (method, seed) and compute its diagnostics; skip what is complete. Returns run dirs."""
     if budget not in BUDGETS:
@@ -119,7 +128,7 @@ def _parser():
     p.add_argument("--max-steps", type=int)
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-test", type=int)
-    p.add_argument("--diagnostics", nargs="*", default=list(DIAGNOSTICS), choices=list(DIAGNOSTICS))
+    p.add_argument("--diagnostics", nargs="*", default=list(DIAGNOSE), choices=list(DIAGNOSE))
     p.add_argument("--no-report", action="store_true", help="only train and diagnose")
     return p
 

@@ -11,7 +11,8 @@ import sys
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, cli
-from bounds.report import (checkpoint_row, compare, to_latex, to_markdown, write_text)
+from adapters.io import write_text
+from bounds.report import checkpoint_row, compare, to_latex, to_markdown
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,8 +5,6 @@ cross-check against the METHODS.md formula, Theorem 1's Φ_ΔW and Φ_W0 from th
 W0 and ΔW (§2), the paper's form Φ_W0 + sqrt(...), and the empirical gap from training_stats.json.
 """
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -217,20 +215,6 @@ def compare(rows):
 
 
 # -- output -----------------------------------------------------------------------------------------
-
-def write_text(path, text):
-    """Write text atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def fmt(x, digits=4):
     if x is None:
