@@ -20,10 +20,10 @@ from adapters.methods import METHODS
 DEFAULT_METHODS = ["fft", "head", "lora", "lora_plus", "asym", "cola", "rac", "cla", "rcla", "c3la", "rc3la"]
 # Budgets: `default` finishes within about 20 minutes on 2 CPU cores; `tiny` is its reduced form (CI).
 BUDGETS = {
-    "default": dict(seeds=[0, 1], train=dict(max_steps=60, n_train=800, n_test=400, batch_size=16,
-                                             max_length=48, save_every=20),
-                    landscape=dict(dims=1, grid=9, range=1.0, examples=64),
-                    hessian=dict(top_k=1, examples=32, max_iter=12)),
+    "default": dict(seeds=[0, 1], train=dict(max_steps=50, n_train=500, n_test=300, batch_size=16, max_length=48,
+                                             eval_every=25, eval_examples=128, save_every=25),
+                    landscape=dict(dims=1, grid=7, range=1.0, examples=48),
+                    hessian=dict(top_k=1, examples=16, max_iter=8)),
     "tiny": dict(seeds=[0], train=dict(max_steps=4, n_train=48, n_test=48, batch_size=8, max_length=32),
                  landscape=dict(dims=1, grid=3, range=0.5, examples=16),
                  hessian=dict(top_k=1, examples=8, max_iter=4)),

@@ -50,6 +50,34 @@ def test_gather_is_bit_identical_to_dense_selector_matmul():
     torch.testing.assert_close(B1.grad, s * g.reshape(-1, n).t() @ x.detach()[..., idx].reshape(-1, r))
 
 
+@pytest.mark.parametrize("method,link", [("cla", 0), ("c3la", 2), ("paca", 0)])
+def test_fused_selector_layer_matches_the_dense_formula(method, link):
+    """The layer's one-node path (frozen base + folded links + gather) against base(x) + Σ dense links."""
+    torch.manual_seed(0)
+    m, n, r, s = 40, 24, 4, 2.0
+    base = nn.Linear(m, n)
+    layer = adapters.layers.AdaptedLinear(base, METHODS[method].adapter, r, r * s, chain_length=3)
+    for _ in range(link):
+        with torch.no_grad():
+            layer.B.normal_()
+        layer.next_link()
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(2, 5, m, requires_grad=True)
+    y = layer(x)
+    B_ref = layer.current_B().detach().clone().requires_grad_(True)
+    A_ref = F.one_hot(layer.idx, m).float()
+    x_ref = x.detach().clone().requires_grad_(True)
+    prev = dense_linear(x_ref, F.one_hot(layer.A_prev, m).float(), layer.B_prev) if link else 0
+    y_ref = base(x_ref) + prev + dense_linear(x_ref, A_ref, B_ref, layer.scale)
+    assert torch.equal(y, y_ref) if link == 0 else torch.allclose(y, y_ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(layer.B.grad, B_ref.grad, rtol=0, atol=0 if link == 0 else 1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+
+
 def _saved_bytes(fn):
     """Bytes of every tensor autograd saves for backward while running fn (each storage once)."""
     seen = {}
