@@ -1,0 +1,389 @@
+"""analysis.landscape and analysis.directions: values checked against brute force and loss-landscapes."""
+import copy
+import importlib.util
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapters.errors import AdapterError
+from analysis import directions as dirs
+from analysis import landscape as ls
+
+
+class MLP(nn.Module):
+    def __init__(self, d=5, h=8, c=3):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, h), nn.Linear(h, c)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def mlp_and_data(seed=0, n=24, batch=5):
+    torch.manual_seed(seed)
+    model = MLP().eval()
+    X, y = torch.randn(n, 5), torch.randint(0, 3, (n,))
+    batches = [{"x": X[i:i + batch], "labels": y[i:i + batch]} for i in range(0, n, batch)]
+    return model, X, y, batches
+
+
+def full_loss(model, X, y):
+    with torch.no_grad():
+        return float(F.cross_entropy(model(X), y))
+
+
+# ---- directions ----------------------------------------------------------------------------
+
+def test_filter_normalisation_rows_match_weight_rows_and_1d_zeroed():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Conv2d(3, 5, 3), nn.LayerNorm(7))
+    torch.manual_seed(0)
+    weights = [p.detach().uniform_(0.5, 1.5) * torch.sign(torch.randn_like(p)) for p in model.parameters()]
+    d = dirs.random_direction(weights, seed=3)
+    for w, di in zip(weights, d):
+        if w.dim() >= 2:
+            rows_w = w.detach().reshape(w.shape[0], -1).norm(dim=1)
+            rows_d = di.reshape(di.shape[0], -1).norm(dim=1)
+            torch.testing.assert_close(rows_d, rows_w, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.count_nonzero(di) == 0  # biases and norms are zeroed by default
+    # Kept 1-D tensors are normalised as one filter (whole vector), not element by element.
+    d1 = dirs.random_direction(weights, seed=3, include_1d=True)
+    for w, di in zip(weights, d1):
+        if w.dim() == 1:
+            assert abs(float(di.norm()) - float(w.norm())) < 1e-5 * max(1.0, float(w.norm()))
+            assert len(torch.unique(di.abs() / w.abs().clamp_min(1e-12))) > 1  # not |d_i| = |θ_i|
+
+
+def test_directions_are_seeded_and_zero_mean():
+    w = torch.randn(400, 300)
+    a, b, c = (dirs.random_direction([w], s)[0] for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Rescaling a row by a positive factor keeps its sign symmetry: the row-normalised entries
+    # have mean 0 (sd 1/sqrt(N) per entry after dividing by the row scale).
+    z = a / w.norm(dim=1, keepdim=True) * np.sqrt(w.shape[1])
+    assert abs(float(z.mean())) < 4 / np.sqrt(z.numel())
+    assert float((a > 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_pca_recovers_the_trajectory_plane_and_path_ends_at_centre():
+    g = torch.Generator().manual_seed(0)
+    n = 500
+    center = torch.randn(n, generator=g, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(n, 2, generator=g, dtype=torch.float64))
+    t = torch.linspace(0, 1, 12, dtype=torch.float64)
+    a, b = 3 * (1 - t) ** 2, 2 * torch.sin(3 * t) * (1 - t)  # a curved path ending at (0, 0)
+    snaps = [center + a[e] * U[:, 0] + b[e] * U[:, 1] for e in range(len(t))]
+    D, info = dirs.pca_directions(snaps, center)
+    basis = torch.stack([d.double() / d.double().norm() for d in D], 1)
+    # span(D) = span(U): the principal angles are 0, i.e. the singular values of Uᵀ basis are 1.
+    s = torch.linalg.svdvals(U.T @ basis)
+    assert torch.allclose(s, torch.ones(2, dtype=torch.float64), atol=1e-6)
+    assert sum(info["explained_variance_ratio"]) == pytest.approx(1.0, abs=1e-9)
+    xy, resid = dirs.project(snaps, center, D)
+    assert np.allclose(xy[-1], 0, atol=1e-6)  # the last snapshot is θ*
+    assert max(resid) < 1e-5  # the path lies in the plane
+    assert np.abs(xy).max(0) == pytest.approx([1, 1], abs=1e-6)  # the trajectory spans [-1, 1]
+    assert xy[0, 0] < 0 and xy[0, 1] <= 0  # starts on the negative side
+    # Reconstruct the snapshots from the projected coordinates.
+    rec = center + torch.stack([d.double() for d in D], 1) @ torch.tensor(xy[3])
+    assert torch.allclose(rec, snaps[3], atol=1e-5)
+
+
+def test_project_is_least_squares_for_non_orthogonal_directions():
+    g = torch.Generator().manual_seed(1)
+    d1, d2 = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    d2 = d2 + 0.7 * d1  # far from orthogonal: plain dot products would be wrong
+    center = torch.randn(50, generator=g)
+    p = center + 0.3 * d1 - 1.2 * d2
+    xy, resid = dirs.project([p], center, [d1, d2])
+    assert xy[0] == pytest.approx([0.3, -1.2], abs=1e-5) and resid[0] < 1e-6
+
+
+# ---- the grid ------------------------------------------------------------------------------
+
+def brute_force(model, X, y, weights_names, D, coords):
+    """f(α, β) by building each perturbed model from scratch."""
+    out = np.empty([len(c) for c in coords])
+    for idx in np.ndindex(*out.shape):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            params = dict(m.named_parameters())
+            for k, name in enumerate(weights_names):
+                params[name].add_(sum(coords[a][idx[a]] * D[a][k] for a in range(len(coords))))
+        out[idx] = full_loss(m, X, y)
+    return out
+
+
+def test_grid_matches_brute_force_and_restores_parameters_exactly():
+    model, X, y, batches = mlp_and_data()
+    named = ls.space_parameters(model, "all")
+    weights = [p for _, p in named]
+    before = [p.detach().clone() for p in weights]
+    D = [dirs.random_direction(weights, s, include_1d=True) for s in (0, 1)]
+    coords = [ls.grid_coords(5, 0.8)] * 2
+    got = ls.landscape_grid(model, weights, D, {"train": batches}, coords, progress=False)["train"]
+    want = brute_force(model, X, y, [n for n, _ in named], D, coords)
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
+    assert got["loss"][2, 2] == full_loss(model, X, y) or abs(got["loss"][2, 2] - full_loss(model, X, y)) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(before, weights))  # bit-for-bit restore
+    # Accuracy at the centre is the model's accuracy.
+    with torch.no_grad():
+        acc = float((model(X).argmax(1) == y).float().mean())
+    assert got["accuracy"][2, 2] == pytest.approx(acc)
+
+
+def test_segment_matches_loss_landscapes_linear_interpolation():
+    from loss_landscapes import linear_interpolation
+    from loss_landscapes.metrics import Loss
+    model, X, y, batches = mlp_and_data(seed=1)
+    torch.manual_seed(5)
+    other = MLP().eval()
+    weights = [p for _, p in ls.space_parameters(model, "all")]
+    delta = [q.detach() - p.detach() for p, q in zip(weights, other.parameters())]
+    steps = 10
+    coords = [ls.grid_coords(2 * steps + 1, 1.0)]  # t = k/steps, k = -steps..steps
+    ours = ls.landscape_grid(model, weights, [delta], {"train": batches}, coords, progress=False)["train"]["loss"]
+    peer = linear_interpolation(copy.deepcopy(model), copy.deepcopy(other), Loss(nn.CrossEntropyLoss(), X, y),
+                                steps=steps, deepcopy_model=True)  # evaluates t = 1/steps … 1
+    np.testing.assert_allclose(ours[steps + 1:], peer, rtol=1e-5)
+    assert ours[-1] == pytest.approx(full_loss(other, X, y), rel=1e-5)  # α = 1 is the other model
+
+
+def test_sharpness_on_a_known_quadratic():
+    coords = [ls.grid_coords(21, 2.0)] * 2
+    A, B = np.meshgrid(coords[0], coords[1], indexing="ij")
+    f = 1.0 + 3.0 * A ** 2 + 0.5 * B ** 2  # f'' = 6 along α, 1 along β
+    sh = ls.sharpness(coords, f)
+    assert sh["curvature_at_center"] == pytest.approx([6.0, 1.0], rel=1e-9)
+    for r in sh["loss_rise"]:
+        rho = r["radius"]
+        # Mean over the circle of 3a² + 0.5b² is (3 + 0.5) ρ²/2. Bilinear interpolation of a convex
+        # quadratic overestimates by at most (h²/8)(f_aa + f_bb) = 0.035 with h = 0.2.
+        assert 0 <= r["mean_rise"] - 1.75 * rho ** 2 <= 0.2 ** 2 / 8 * 7 + 1e-12
+        inside = [f[i, j] - 1 for i in range(21) for j in range(21)
+                  if coords[0][i] ** 2 + coords[1][j] ** 2 <= rho ** 2 + 1e-12]
+        assert r["max_rise"] == pytest.approx(max(inside), rel=1e-12)
+        assert r["max_rise"] <= 3 * rho ** 2
+    sh1 = ls.sharpness([coords[0]], 1 + 2 * np.asarray(coords[0]) ** 2)
+    assert sh1["curvature_at_center"][0] == pytest.approx(4.0)
+    assert sh1["loss_rise"][-1]["mean_rise"] == pytest.approx(2 * 4.0)  # ±ρ = ±2 are grid points
+    assert sh1["loss_rise"][-1]["max_rise"] == pytest.approx(2 * 4.0)
+
+
+class Flaky(MLP):
+    """An MLP whose forward fails after `budget` calls (an interrupted run)."""
+    budget = None
+    calls = 0
+
+    def forward(self, x):
+        Flaky.calls += 1
+        if Flaky.budget is not None and Flaky.calls > Flaky.budget:
+            raise KeyboardInterrupt
+        return super().forward(x)
+
+
+def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
+    torch.manual_seed(0)
+    model = Flaky().eval()
+    _, X, y, batches = mlp_and_data()  # 5 batches per point
+    weights = list(model.parameters())
+    before = [p.detach().clone() for p in weights]
+    D = [dirs.random_direction(weights, s) for s in (0, 1)]
+    coords = [ls.grid_coords(5, 1.0)] * 2
+    fp = {"test": 1}
+    full = ls.landscape_grid(model, weights, D, {"train": batches}, coords, progress=False)["train"]["loss"]
+    Flaky.calls, Flaky.budget = 0, 5 * 9 + 2  # dies during the 10th point
+    with pytest.raises(KeyboardInterrupt):
+        ls.landscape_grid(model, weights, D, {"train": batches}, coords, out_dir=tmp_path, fingerprint=fp,
+                          save_every=4, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights))  # restored even on interruption
+    saved = json.loads((tmp_path / "landscape.partial.json").read_text())
+    assert len(saved["points"]) == 9
+    Flaky.calls, Flaky.budget = 0, None
+    again = ls.landscape_grid(model, weights, D, {"train": batches}, coords, out_dir=tmp_path, fingerprint=fp,
+                              progress=False)["train"]["loss"]
+    assert Flaky.calls == 5 * (25 - 9)  # only the missing points were evaluated
+    np.testing.assert_array_equal(again, full)
+    with pytest.raises(AdapterError, match="other settings"):
+        ls.landscape_grid(model, weights, D, {"train": batches}, coords, out_dir=tmp_path,
+                          fingerprint={"test": 2}, progress=False)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_worker(rank, world, port, out_dir, result_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, _, _, batches = mlp_and_data()
+        weights = list(model.parameters())
+        D = [dirs.random_direction(weights, s) for s in (0, 1)]
+        coords = [ls.grid_coords(5, 1.0)] * 2
+        res = ls.landscape_grid(model, weights, D, {"train": batches}, coords, out_dir=out_dir,
+                                fingerprint={"k": 1}, progress=False)["train"]
+        if rank == 0:
+            np.save(result_file, np.stack([res["loss"], res["accuracy"]]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_produce_the_same_grid_as_one(tmp_path):
+    model, _, _, batches = mlp_and_data()
+    weights = list(model.parameters())
+    D = [dirs.random_direction(weights, s) for s in (0, 1)]
+    coords = [ls.grid_coords(5, 1.0)] * 2
+    one = ls.landscape_grid(model, weights, D, {"train": batches}, coords, progress=False)["train"]
+    result_file = str(tmp_path / "two.npy")
+    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tmp_path / "shards"), result_file), nprocs=2,
+                       join=True, start_method="spawn")
+    two = np.load(result_file)
+    np.testing.assert_allclose(two[0], one["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(two[1], one["accuracy"])
+    # Each rank evaluated (and saved) only its own half of the 25 points.
+    parts = [json.loads((tmp_path / "shards" / f"landscape.partial.rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(len(p["points"]) for p in parts) == [12, 13]
+
+
+def test_transformers_dict_batches_and_model_output(tiny_bert):
+    from tests.conftest import tiny_batch
+    b1, b2 = tiny_batch(4, 7, seed=0), tiny_batch(3, 7, seed=1)
+    weights = [p for _, p in ls.space_parameters(tiny_bert, "all")]
+    D = [dirs.random_direction(weights, 0)]
+    coords = [ls.grid_coords(3, 0.5)]
+    got = ls.landscape_grid(tiny_bert, weights, D, {"train": [b1, b2]}, coords, progress=False)["train"]["loss"]
+    # Centre: the model's own loss (HF computes the batch mean; combine the two batches by count).
+    with torch.no_grad():
+        l1 = float(tiny_bert(**b1).loss) * 4
+        l2 = float(tiny_bert(**b2).loss) * 3
+    assert got[1] == pytest.approx((l1 + l2) / 7, rel=1e-5)
+    assert got[0] != got[1]
+
+
+# ---- checkpoints and the CLI ---------------------------------------------------------------
+
+def make_ckpt(root, name="ckpt", seed=0, base=None, base_seed=0):
+    """A tiny-BERT LoRA checkpoint with a non-zero update (adapters.save), for CLI tests."""
+    import adapters
+    from adapters import models
+    base = base or models.tiny_model_dir(root / f"base{base_seed}", "bert", seed=base_seed)
+    model = models.load_model(base, 2)
+    h = adapters.weights_hash(model)
+    model = adapters.apply(model, "lora", rank=2, alpha=4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    adapters.save(model, root / name, base_model=str(base), base_model_hash=h)
+    return root / name, base
+
+
+def _has(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "1"], "--grid must be an integer ≥ 2"),
+    (["--grid", "4"], "--grid must be odd"),
+    (["--range", "0"], "--range must be > 0"),
+    (["--range", "-1"], "--range must be > 0"),
+    (["--directions", "sideways"], "--directions must be"),
+    (["--dims", "2", "--directions", "to:x"], "use --dims 1"),
+])
+def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        ls.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_pca_without_trajectory_and_segment_to_another_base_exit_2(tmp_path, capsys):
+    ckpt, base = make_ckpt(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ls.main([str(ckpt), "--directions", "pca", "--out", str(tmp_path / "o1")])
+    assert e.value.code == 2 and "trajectory snapshots" in capsys.readouterr().err
+    other, _ = make_ckpt(tmp_path, "other", base_seed=1)  # a different pretrained body
+    with pytest.raises(SystemExit) as e:
+        ls.main([str(ckpt), "--dims", "1", "--directions", f"to:{other}", "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "another base model" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def train_tiny(root, method="lora", steps=4, snapshots=4, lr=0.05):
+    """A real (tiny) training run through adapters.train: checkpoint with stats and trajectory."""
+    from adapters import models
+    from adapters.train import train
+    base = models.tiny_model_dir(root / "base", "bert")
+    ckpt = root / f"ckpt_{method}"
+    train(model=str(base), method=method, rank=2, alpha=4, max_steps=steps, n_train=24, n_test=16, batch_size=8,
+          lr=lr, out=str(ckpt), save_trajectory=snapshots, progress=False)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    if not (_has("adapters.evaluate") and _has("adapters.train")):
+        pytest.skip("the training CLI adapters.train / adapters.evaluate (issue 3) is not in the tree")
+    return train_tiny(tmp_path_factory.mktemp("trained"))
+
+
+def test_grid_centre_equals_the_checkpoint_loss_in_training_stats(trained, tmp_path):
+    import adapters
+    stats = adapters.read_stats(trained)
+    r = ls.run(trained, dims=1, grid=3, split="test", examples=None, out=tmp_path / "l1", progress=False,
+               formats=("png",))
+    # dims=1 evaluates both splits: the centre of each curve is that split's loss of the final weights.
+    assert r["center_loss"] == pytest.approx(stats["test_loss"], rel=1e-5, abs=1e-7)
+    assert r["curves"]["train"]["loss"][1] == pytest.approx(stats["train_loss"], rel=1e-5, abs=1e-7)
+    assert r["curves"]["test"]["accuracy"][1] == pytest.approx(stats["test_metric"])
+    assert (tmp_path / "l1" / "landscape_1d.png").exists()
+    r2 = ls.run(trained, dims=2, grid=3, range=0.5, split="train", examples=None, out=tmp_path / "l2",
+                progress=False, formats=("png",))
+    assert r2["center_loss"] == pytest.approx(stats["train_loss"], rel=1e-5, abs=1e-7)
+    saved = json.loads((tmp_path / "l2" / "landscape.json").read_text())
+    assert [d["seed"] for d in saved["directions"]] == [0, 1]
+    assert saved["directions"][0]["normalisation"] == "filter" and saved["settings"]["grid"] == 3
+    assert len(saved["loss"]) == 3 and len(saved["loss"][0]) == 3
+
+
+def test_pca_landscape_on_a_real_trajectory_ends_at_the_centre(trained, tmp_path):
+    r = ls.run(trained, dims=2, directions="pca", grid=3, range=1.2, examples=8, batch_size=4,
+               out=tmp_path / "land", progress=False, formats=("png",))
+    traj = np.asarray(r["trajectory"]["coords"])
+    assert len(traj) == 4 and np.allclose(traj[-1], 0, atol=1e-6)  # the last snapshot is θ*
+    assert np.abs(traj).max(0) == pytest.approx([1, 1], abs=1e-6)
+    assert r["trajectory"]["steps"] == sorted(r["trajectory"]["steps"])
+    assert (tmp_path / "land" / "landscape_contour.png").exists()
+    assert (tmp_path / "land" / "landscape_surface.png").exists()
+    assert not list((tmp_path / "land").glob("landscape.partial*"))
+
+
+def test_segment_to_itself_is_flat_and_to_a_sibling_ends_at_its_loss(trained, tmp_path):
+    import adapters
+    from adapters.evaluate import checkpoint_batches, evaluate
+    from adapters.train import train
+    sibling = tmp_path / "sibling"
+    base = adapters.read_meta(trained)["base_model"]
+    train(model=base, method="lora", rank=2, alpha=4, max_steps=2, n_train=24, n_test=16, batch_size=8, lr=0.05,
+          seed=1, out=str(sibling), progress=False)
+    r = ls.run(trained, dims=1, directions=f"to:{sibling}", grid=5, examples=None, out=tmp_path / "seg",
+               progress=False, formats=("png",))
+    want = evaluate(adapters.load(sibling), checkpoint_batches(sibling, "train"))["loss"]
+    assert r["loss"][-1] == pytest.approx(want, rel=1e-5)  # α = 1 is the sibling checkpoint
