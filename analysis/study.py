@@ -20,8 +20,8 @@ from adapters.methods import METHODS
 DEFAULT_METHODS = ["fft", "head", "lora", "lora_plus", "asym", "cola", "rac", "cla", "rcla", "c3la", "rc3la"]
 # Budgets: `default` finishes within about 20 minutes on 2 CPU cores; `tiny` is its reduced form (CI).
 BUDGETS = {
-    "default": dict(seeds=[0, 1], train=dict(max_steps=50, n_train=500, n_test=300, batch_size=16, max_length=48,
-                                             eval_every=25, eval_examples=128, save_every=25),
+    "default": dict(seeds=[0, 1], train=dict(max_steps=120, n_train=500, n_test=300, batch_size=16, max_length=48,
+                                             eval_every=40, eval_examples=128, save_every=40),
                     landscape=dict(dims=1, grid=7, range=1.0, examples=48),
                     hessian=dict(top_k=1, examples=16, max_iter=8)),
     "tiny": dict(seeds=[0], train=dict(max_steps=4, n_train=48, n_test=48, batch_size=8, max_length=32),
