@@ -1,4 +1,5 @@
 """One error type for bad input, and the CLI wrapper that turns it into one line + exit 2."""
+import argparse
 import sys
 from functools import wraps
 
@@ -24,3 +25,10 @@ def cli(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapped
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is an AdapterError: one `error: ...` line and exit 2 under `cli`."""
+
+    def error(self, message):
+        raise AdapterError(message)

@@ -35,6 +35,17 @@ def evaluate(model, batches):
     return {"loss": sum(losses) / n, "accuracy": correct / n, "losses": losses}
 
 
+def examples_arg(text):
+    """argparse type for --examples: a positive count, or "all" (None)."""
+    import argparse
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
 def checkpoint_task(path):
     """The task a checkpoint was trained on, re-loaded exactly (same file, same split sizes)."""
     task = read_meta(path).get("task")

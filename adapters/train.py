@@ -7,7 +7,6 @@ size is global (split over processes) and every random draw (selectors, head ini
 from --seed, so every process agrees. AdamW, warmup + linear decay, gradient clipping; chained
 methods end a link at equal shares of the run (one learning-rate schedule for the whole run).
 """
-import argparse
 import json
 import math
 import platform
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, evaluate, models
-from .errors import AdapterError, cli
+from .errors import AdapterError, ArgumentParser, cli
 from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json
 from .methods import get_method
@@ -267,7 +266,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm", help="transformers id or local path; 'minilm' = offline MiniLM")
     p.add_argument("--task", default="movie-reviews", help="built-in task (default: movie-reviews)")
     p.add_argument("--data", dest="data_file", help="CSV/TSV/JSONL with text and label (optional split) columns")

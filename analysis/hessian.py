@@ -13,7 +13,6 @@ Writes DIR/hessian.json (eigenvalues descending, trace, trace_stderr, settings, 
 DIR/hessian_density.{png,pdf} with --density. Transformers models are loaded with eager attention
 (SDPA has no double backward on CPU).
 """
-import argparse
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.errors import AdapterError, cli
+from adapters.errors import AdapterError, ArgumentParser, cli
+from adapters.evaluate import examples_arg
 from adapters.io import write_json
 from analysis import lanczos
 from analysis.landscape import SPLITS, batch_loss, eval_mode, space_parameters, to_device
@@ -200,24 +200,15 @@ def run(ckpt, **settings):
     return result
 
 
-def _examples(text):
-    if text == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-
-
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m analysis.hessian", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m analysis.hessian", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--density", action="store_true")
     p.add_argument("--space", default="trainable", choices=("trainable", "all"))
-    p.add_argument("--examples", type=_examples, default=256)
+    p.add_argument("--examples", type=examples_arg, default=256)
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="Lanczos start; trace uses seed+1, SLQ seed+2")

@@ -14,7 +14,6 @@ Outputs in DIR: landscape.json (coords, loss/accuracy grids [i][j], center_loss,
 seeds and normalisation, settings, sharpness summaries), landscape_contour (2D, trajectory overlay
 for PCA directions), landscape_surface (3D), landscape_1d (train and test curves).
 """
-import argparse
 import json
 import os
 import time
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adapters.errors import AdapterError, CheckpointError, cli
+from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
+from adapters.evaluate import examples_arg
 from adapters.io import write_json
 from analysis import directions as dirs
 
@@ -512,18 +512,9 @@ def run(ckpt, **settings):
             tdist.destroy_process_group()
 
 
-def _examples(text):
-    if text == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-
-
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m analysis.landscape", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m analysis.landscape", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt")
     p.add_argument("--dims", type=int, default=2, choices=(1, 2))
     p.add_argument("--directions", default="random", help="random | pca | to:CKPT2 (1-D segment)")
@@ -531,7 +522,7 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=21, help="points per axis (odd, so the centre is on the grid)")
     p.add_argument("--range", type=float, default=1.0, help="the grid covers [-range, range] per axis")
     p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--examples", type=_examples, default=256, help="examples to evaluate (or all)")
+    p.add_argument("--examples", type=examples_arg, default=256, help="examples to evaluate (or all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="direction seeds are seed, seed+1; also the example subset")
     p.add_argument("--include-1d", action="store_true", help="perturb biases/norms too (each as one filter)")

@@ -7,14 +7,13 @@ the package that owns its formula (bounds.report for the bounds); nothing is re-
 analysis ranks the methods by each diagnostic (mean over seeds) and by the empirical gap Ĝ = L_test − L_train,
 and reports Kendall τ between the two orderings with a bootstrap interval over seeds.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from adapters.errors import AdapterError, cli
+from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.io import write_json, write_text
 from analysis import style
 
@@ -278,7 +277,7 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs")
     p.add_argument("--out", default="figures")
     p.add_argument("--loss-clip", type=float, default=4.0,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapters.errors import AdapterError, CheckpointError, cli
+from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
 from adapters.io import write_json
 from analysis import style
 from analysis.svd_cache import SIDES, base_svd, default_dir, svd
@@ -342,7 +342,7 @@ def _k(text):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m analysis.spectral", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m analysis.spectral", description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
     p.add_argument("--k", type=_k, default=10, help="top-k singular vectors of W, or 'all' (default 10)")
     p.add_argument("--eps", type=float, default=0.5, help="intruder threshold ε (default 0.5)")

@@ -7,13 +7,12 @@ Every run is a normal checkpoint in RUNS/<method>-s<seed>/; its diagnostics go b
 files in RUNS/<method>-s<seed>/diagnostics/. A run or diagnostic already complete is skipped, so an
 interrupted study picks up where it stopped. Training an interrupted run resumes from its last state.
 """
-import argparse
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from adapters.errors import AdapterError, cli
+from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.io import write_json
 from adapters.methods import METHODS
 
@@ -113,7 +112,7 @@ def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", mo
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs", help="directory of the runs (one checkpoint per method and seed)")
     p.add_argument("--out", default="figures", help="where the report's tables and figures go")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)

@@ -3,25 +3,19 @@
 Bad input (σ ≤ 0, bits ≤ 0, missing statistics without --n-examples, a corrupt checkpoint) gives
 one line `error: ...` on stderr and exit status 2; nothing is written then.
 """
-import argparse
 import json
 import math
 import sys
 
 from tqdm import tqdm
 
-from adapters.errors import AdapterError, cli
+from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.io import write_text
 from bounds.report import checkpoint_row, compare, to_latex, to_markdown
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line + exit 2 through the shared `cli` wrapper
-        raise AdapterError(message)
-
-
 def parse_args(argv):
-    p = _Parser(prog="python -m bounds", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m bounds", description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories (ours or plain PEFT LoRA)")
     p.add_argument("--format", choices=("md", "latex", "json"), default="md")
     p.add_argument("--out", help="write here (atomically) instead of stdout")
