@@ -43,7 +43,7 @@ def save(model, path, *, base_model, base_model_hash, extra_meta=None, files=Non
     meta.update(extra_meta or {})
     with atomic_dir(path, overwrite=overwrite) as tmp:
         head_state = {k: v for k, v in model.state_dict().items()
-                      if any(k.startswith(h + ".") for h in settings["head"])}
+                      if models.in_modules(k, settings["head"])}
         if spec.adapter is None:
             state = model.state_dict() if spec.trains_base else head_state
             save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / TRAINED))
@@ -188,7 +188,7 @@ def load(path, *, attn_implementation=None):
             raise CheckpointError(f"corrupt checkpoint {path}: unknown tensors {sorted(missing)[:3]}")
         model.load_state_dict(state, strict=False)
         for name, p in model.named_parameters():
-            p.requires_grad_(spec.trains_base or any(name.startswith(h + ".") for h in meta["head"]))
+            p.requires_grad_(spec.trains_base or models.in_modules(name, meta["head"]))
     else:
         factors = lowrank_factors(path)
         if spec.adapter.selector:  # keep selectors as gathers: columns of the one-hot rows of A
@@ -222,7 +222,7 @@ def matrices(path):
     head = model.adapter_settings["head"]
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, Conv1D)) and not any(name.startswith(h) for h in head):
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) and not models.in_modules(name, head):
             w, w0 = mod.weight.detach().float(), base[name].weight.detach().float()
             if isinstance(mod, Conv1D):
                 w, w0 = w.t(), w0.t()

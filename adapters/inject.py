@@ -29,10 +29,6 @@ def head_modules(model):
     return models.head_names(model) if getattr(model, "base_model_prefix", None) else []
 
 
-def _under(name, prefixes):
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def _matches(pattern, name):
     """A target matches a module by exact name, dotted suffix, or (full-match) regex."""
     if name == pattern or name.endswith("." + pattern):
@@ -54,7 +50,7 @@ def resolve_targets(model, targets=None, head=()):
     if isinstance(targets, str):
         targets = [targets]
     linear = [name for name, mod in model.named_modules()
-              if isinstance(mod, (nn.Linear, Conv1D)) and not _under(name, head)]
+              if isinstance(mod, (nn.Linear, Conv1D)) and not models.in_modules(name, head)]
     if ALL_LINEAR in targets:
         return linear
     for t in targets:
@@ -160,7 +156,7 @@ def trained_parameters(model):
     other = count(p for p in model.parameters() if id(p) not in in_adapters | in_head)
     if not layers and other:  # full fine-tuning: report each trained weight matrix as a layer
         for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Linear, Conv1D)) and not _under(name, head) and mod.weight.requires_grad:
+            if isinstance(mod, (nn.Linear, Conv1D)) and not models.in_modules(name, head) and mod.weight.requires_grad:
                 m, n = (mod.weight.shape if isinstance(mod, Conv1D) else mod.weight.shape[::-1])
                 layers.append(dict(name=name, m=m, n=n, trained=count(mod.parameters())))
     return dict(layers=layers, adapter=adapter, head=head_count, other=other,

@@ -100,6 +100,11 @@ def head_names(model):
             if name != prefix and next(child.parameters(), None) is not None]
 
 
+def in_modules(name, modules):
+    """Whether a parameter/module `name` lies inside one of the modules named in `modules`."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def weights_hash(model, exclude=None):
     """sha256 over the pretrained weights: name, dtype, shape and bytes of every state_dict tensor, sorted by name,
     leaving out the modules in `exclude` (default: the head, which is new for every task and seed).
@@ -109,7 +114,7 @@ def weights_hash(model, exclude=None):
     exclude = head_names(model) if exclude is None else list(exclude)
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if any(name == e or name.startswith(e + ".") for e in exclude):
+        if in_modules(name, exclude):
             continue
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
