@@ -14,7 +14,10 @@ def batches(tokenizer, examples, max_length, batch_size):
 
 
 def logits_of(output):
-    return output.logits if hasattr(output, "logits") else output
+    """Logits of a transformers ModelOutput, a (logits, ...) tuple, or a plain tensor."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @torch.no_grad()

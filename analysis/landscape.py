@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
-from adapters.evaluate import examples_arg
+from adapters.evaluate import examples_arg, logits_of
 from adapters.io import write_json
 from analysis import directions as dirs
 
@@ -51,10 +51,7 @@ def space_parameters(model, space):
 
 def forward_logits(model, batch):
     """Logits of a dict batch; labels are left out so the model computes no loss of its own."""
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
 
 
 def batch_loss(model, batch, reduction="sum"):
