@@ -16,6 +16,7 @@ import numpy as np
 from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.io import write_json, write_text
 from analysis import style
+from bounds.report import kendall_tau
 
 # Each diagnostic: how to read its number for one run (None when the run lacks it), and its label.
 # All are oriented so that "larger" is the diagnostic's prediction of a larger generalization gap.
@@ -69,20 +70,6 @@ def per_method(records, read):
         if values:
             out[m] = values
     return out
-
-
-def kendall_tau(x, y):
-    """Kendall τ-b between two orderings; None when undefined (fewer than 2 items, or a constant one).
-
-    τ_b = (C − D) / √((n0 − n_x)(n0 − n_y)) over the n0 = n(n−1)/2 pairs: C concordant, D discordant,
-    n_x / n_y the pairs tied in x / in y. O(n²): the orderings here have a dozen methods.
-    """
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    i, j = np.triu_indices(len(x), k=1)
-    dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-    n0 = len(i)
-    denominator = np.sqrt(float(n0 - (dx == 0).sum()) * float(n0 - (dy == 0).sum()))
-    return None if denominator == 0 else float((dx * dy).sum() / denominator)
 
 
 def consistency(records, diagnostic, n_boot=2000, seed=0):
