@@ -65,12 +65,13 @@ def adapted_layers(model):
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, AdaptedLinear)}
 
 
-def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, seed=0, head=None):
+def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, seed=0, head=None, dropout=0.0):
     """Make `model` train with `method` (in place) and return it.
 
     Freezes everything, wraps the target layers in AdaptedLinear, and leaves trainable exactly the
     method's trained scalars plus the task head (`head`: top-level module names; default: found by
-    `head_modules`). The settings are kept on the model as `model.adapter_settings`.
+    `head_modules`). `dropout` is LoRA dropout on the adapter path's input (PEFT's lora_dropout).
+    The settings are kept on the model as `model.adapter_settings`.
     """
     spec = get_method(method)
     if hasattr(model, "adapter_settings"):
@@ -82,6 +83,12 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, see
         raise AdapterError(f"method {method!r} is not chained; chain_length must be 1, got {chain_length}")
     if spec.adapter is not None and (not isinstance(rank, int) or rank < 1):
         raise AdapterError(f"rank must be an integer >= 1, got {rank!r}")
+    if spec.adapter is not None and not alpha > 0:
+        raise AdapterError(f"alpha must be > 0 (the scale s = alpha/r multiplies the update), got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise AdapterError(f"dropout must be in [0, 1), got {dropout!r}")
+    if spec.adapter is None and (targets is not None or dropout):
+        raise AdapterError(f"method {method!r} has no adapter layers: targets and dropout do not apply")
     head = list(head_modules(model) if head is None else head)
 
     for p in model.parameters():
@@ -96,14 +103,14 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, see
             if rank > min(m, n):
                 raise AdapterError(f"rank {rank} is larger than layer {name} allows "
                                    f"(in {m}, out {n}: rank <= {min(m, n)})")
-            layer = AdaptedLinear(base, spec.adapter, rank, alpha, chain_length, layer_seed(seed, name))
+            layer = AdaptedLinear(base, spec.adapter, rank, alpha, chain_length, layer_seed(seed, name), dropout)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
     for h in head:
         for p in model.get_submodule(h).parameters():
             p.requires_grad_(True)
     model.adapter_settings = dict(method=method, rank=rank, alpha=alpha, chain_length=chain_length,
-                                  seed=seed, targets=names, head=head)
+                                  seed=seed, targets=names, head=head, dropout=dropout)
     return model
 
 

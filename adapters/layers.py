@@ -1,11 +1,16 @@
 """The one adapter layer every LoRA-family method shares.
 
-    y = base(x) + x·A_prevᵀ·B_prevᵀ + s · (A x)ᵀ Bᵀ        (base = W0, frozen)
+    y = base(x) + x·A_prevᵀ·B_prevᵀ + s · (A·drop(x))ᵀ Bᵀ        (base = W0, frozen)
 
 (B_prev, A_prev) hold the links already folded (scales folded in), so the update is kept exactly as
-ΔW = Σ_j s·B_j·A_j in low-rank form, never merged into W0. When A is a selector, A x is the gather
-x[..., idx], done by `gather_linear`, which keeps only x[..., idx] (r columns) for backward. With the base
-frozen, the current link goes through `gather_adapted_linear`, which also does the base in the same autograd node.
+ΔW = Σ_j s·B_j·A_j in low-rank form, never merged into W0. `drop` is LoRA dropout on the current link's
+input (PEFT's lora_dropout; folded links act as part of the frozen weight and see the plain input).
+
+When A is a selector, A x is the gather x[..., idx]. Plain autograd already keeps only what cLA needs for
+backward: index_select saves the indices (not x) and the matmul saves x[..., idx] (r columns) and B. So the
+selector path is ordinary differentiable ops — twice differentiable (exact Hessians), autocast-safe, and
+op for op the dense formula (x Aᵀ) Bᵀ s with a one-hot A. With the base frozen, one autograd node
+(`_FusedSelectorLinear`) does the frozen base and the current link together to save an m-wide pass in backward.
 """
 import torch
 from torch import nn
@@ -14,74 +19,9 @@ from transformers.pytorch_utils import Conv1D
 from .methods import Adapter
 
 
-class _GatherLinear(torch.autograd.Function):
-    """y = s · x[..., idx] @ Bᵀ, saving only x[..., idx] (for dB) and B (for dx) for backward.
-
-    Plain autograd on `x.index_select(...) @ B.t()` would do the same arithmetic, but index_select
-    saves the full input x for its backward; this keeps the r gathered columns instead.
-    The arithmetic mirrors the dense (x @ Aᵀ) @ Bᵀ · s with A a selector op for op, so outputs and
-    B-gradients are bit-for-bit those of the dense formula.
-    """
-
-    @staticmethod
-    def forward(ctx, x, idx, B, scale):
-        x_idx = x.index_select(-1, idx)
-        ctx.scale, ctx.x_shape = scale, x.shape
-        ctx.save_for_backward(idx, x_idx if ctx.needs_input_grad[2] else None,
-                              B if ctx.needs_input_grad[0] else None)
-        return (x_idx @ B.t()) * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        idx, x_idx, B = ctx.saved_tensors
-        grad = grad * ctx.scale
-        grad_x = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad.new_zeros(ctx.x_shape).index_add_(-1, idx, grad @ B)
-        if ctx.needs_input_grad[2]:
-            # dB = s · gᵀ x[..., idx], computed as autograd's matmul backward does: (hᵀ g)ᵀ.
-            grad_B = (x_idx.reshape(-1, x_idx.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1])).t()
-        return grad_x, None, grad_B, None
-
-
 def gather_linear(x, idx, B, scale=1.0):
-    return _GatherLinear.apply(x, idx, B, scale)
-
-
-class _GatherAdaptedLinear(torch.autograd.Function):
-    """y = base(x) + prev + s · x[..., idx] @ Bᵀ for a frozen base (weight W0, n×m), as one autograd node.
-
-    Why: through two nodes, the selector path's dx is an m-wide tensor of zeros with r columns filled, which
-    autograd then adds to the base's dx = g W0: two full-size passes and an allocation per layer per step.
-    Here dx = g W0 gets s·(g B) added in place to its columns idx instead. The arithmetic is op for op that
-    of base(x) + prev + gather_linear(x, idx, B, s), so y and dB are bit-for-bit the two-node results (and dx
-    too without `prev`). `prev`, the folded links' output or None, is added in the same order; its gradient is g.
-    """
-
-    @staticmethod
-    def forward(ctx, x, base, W0, idx, B, scale, prev):
-        x_idx = x.index_select(-1, idx)
-        ctx.scale = scale
-        ctx.save_for_backward(idx, x_idx if ctx.needs_input_grad[4] else None,
-                              B if ctx.needs_input_grad[0] else None, W0 if ctx.needs_input_grad[0] else None)
-        y = base(x) if prev is None else base(x).add_(prev)
-        return y.add_((x_idx @ B.t()).mul_(scale))  # in place on fresh tensors: same values, no extra buffers
-
-    @staticmethod
-    def backward(ctx, grad):
-        idx, x_idx, B, W0 = ctx.saved_tensors
-        grad_s = grad * ctx.scale
-        grad_x = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ W0).index_add_(-1, idx, grad_s @ B)
-        if ctx.needs_input_grad[4]:
-            grad_B = (x_idx.reshape(-1, x_idx.shape[-1]).t() @ grad_s.reshape(-1, grad_s.shape[-1])).t()
-        return grad_x, None, None, None, grad_B, None, grad if ctx.needs_input_grad[6] else None
-
-
-def gather_adapted_linear(x, base, W0, idx, B, scale=1.0, prev=None):
-    """base(x) + prev + s · x[..., idx] @ Bᵀ; `base` must be frozen (its W0 = n×m weight gives dx)."""
-    return _GatherAdaptedLinear.apply(x, base, W0, idx, B, scale, prev)
+    """s · x[..., idx] @ Bᵀ: the selector path. Saves idx, x[..., idx] and B for backward, never x."""
+    return (x.index_select(-1, idx) @ B.t()) * scale
 
 
 def dense_linear(x, A, B, scale=1.0):
@@ -89,13 +29,64 @@ def dense_linear(x, A, B, scale=1.0):
     return ((x @ A.t()) @ B.t()) * scale
 
 
+def dropout_mask(x, p):
+    """LoRA dropout's multiplier for x: Bernoulli(1−p)/(1−p), drawn over x's full shape as F.dropout does on CPU.
+
+    Drawn in full (not only over the r selected columns) so the gather and dense paths see the same numbers
+    and a run's random stream does not depend on whether A is a selector. Not saved for backward.
+    """
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+
+
+class _FusedSelectorLinear(torch.autograd.Function):
+    """y = base(x) + prev + s · x_idx @ Bᵀ for a frozen base (weight W0, n×m) as one autograd node.
+
+    Why: through two nodes, the selector path's dx is an m-wide tensor of zeros with r columns filled, which
+    autograd then adds to the base's dx = g W0. Here s·(g B) is added in place to columns idx of g W0 instead.
+
+    x_idx = drop(x)[..., idx] comes in as an input computed by ordinary autograd ops, and the backward is written in
+    differentiable ops on saved *inputs*, so under create_graph the dependence of dB = s·gᵀ x_idx on earlier layers
+    (through x_idx) and of dx on B is kept: Hessian-vector products are exact. The gradient of the x_idx path is
+    returned through x (complete dx) and None for x_idx, so first-order backward never runs the m-wide scatter.
+    The backward computes in the forward's output dtype (bf16/fp16 under autocast) and returns each gradient in
+    its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_idx, base, W0, idx, B, scale, prev):
+        ctx.scale, ctx.dtypes = scale, (x.dtype, B.dtype)
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
+        ctx.save_for_backward(idx, x_idx if need_b else None, B if need_x else None, W0 if need_x else None)
+        y = base(x) if prev is None else base(x).add_(prev)
+        ctx.compute_dtype = y.dtype
+        return y.add_((x_idx @ B.t()).mul_(scale))  # in place on fresh tensors: same values, no extra buffers
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, x_idx, B, W0 = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        grad_s = grad.to(dtype) * ctx.scale
+        grad_x = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad.to(dtype) @ W0.to(dtype)).index_add_(-1, idx, grad_s @ B.to(dtype)).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[5]:
+            n, r = grad_s.shape[-1], x_idx.shape[-1]
+            grad_B = (grad_s.reshape(-1, n).t() @ x_idx.to(dtype).reshape(-1, r)).to(ctx.dtypes[1])
+        return grad_x, None, None, None, None, grad_B, None, grad if ctx.needs_input_grad[7] else None
+
+
+def fused_selector_linear(x, x_idx, base, W0, idx, B, scale=1.0, prev=None):
+    """base(x) + prev + s · x_idx @ Bᵀ with x_idx = (dropped) x[..., idx]; `base` must be frozen (W0 gives dx)."""
+    return _FusedSelectorLinear.apply(x, x_idx, base, W0, idx, B, scale, prev)
+
+
 class AdaptedLinear(nn.Module):
     """Wraps a frozen nn.Linear or GPT-2 Conv1D (weight stored in×out) with a chain of low-rank links."""
 
-    def __init__(self, base, spec: Adapter, rank, alpha, chain_length=1, seed=0):
+    def __init__(self, base, spec: Adapter, rank, alpha, chain_length=1, seed=0, dropout=0.0):
         super().__init__()
         self.base, self.spec, self.r, self.k = base, spec, rank, chain_length
-        self.scale, self.seed, self.link = alpha / rank, seed, 0
+        self.scale, self.seed, self.link, self.dropout = alpha / rank, seed, 0, dropout
         for p in base.parameters():
             p.requires_grad_(False)
         n, m = self.shape
@@ -153,11 +144,19 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x):
         prev = self._low_rank(x, self.A_prev, self.B_prev, 1.0) if self.B_prev.shape[1] else None
-        if self.spec.selector and not any(p.requires_grad for p in self.base.parameters()):
-            return gather_adapted_linear(x, self.base, self.base_weight(), self.idx, self.current_B(), self.scale,
-                                         prev)
+        mask = dropout_mask(x, self.dropout) if self.dropout and self.training else None
+        B = self.current_B()
+        if self.spec.selector:
+            x_idx = x.index_select(-1, self.idx)
+            if mask is not None:
+                x_idx = x_idx * mask.index_select(-1, self.idx)  # = drop(x)[..., idx], the same numbers
+            if not any(p.requires_grad for p in self.base.parameters()):
+                return fused_selector_linear(x, x_idx, self.base, self.base_weight(), self.idx, B, self.scale, prev)
+            low_rank = (x_idx @ B.t()) * self.scale
+        else:
+            low_rank = dense_linear(x if mask is None else x * mask, self.A, B, self.scale)
         y = self.base(x) if prev is None else self.base(x) + prev
-        return y + self._low_rank(x, self.current_A(), self.current_B(), self.scale)
+        return y + low_rank
 
     # -- the update -------------------------------------------------------------------------------
     def factors(self):
@@ -193,4 +192,5 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self):
         n, m = self.shape
-        return f"n={n}, m={m}, r={self.r}, s={self.scale:g}, link={self.link + 1}/{self.k}"
+        drop = f", dropout={self.dropout:g}" if self.dropout else ""
+        return f"n={n}, m={m}, r={self.r}, s={self.scale:g}, link={self.link + 1}/{self.k}{drop}"

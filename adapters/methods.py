@@ -52,13 +52,17 @@ def shifted_window(m, r, link, seed):
 
 
 def random_window(m, r, link, seed):
-    """Random c3LA: link j takes the j-th window of a seeded permutation of the ⌈m/r⌉ windows.
+    """Random c3LA: link j takes the j-th window of a seeded permutation of the windows, without replacement.
 
-    Windows are drawn without replacement; after every window was used a fresh permutation starts.
+    The windows are c3LA's: window w = columns w·r … w·r + r − 1 (mod m). The ⌊m/r⌋ full windows are disjoint;
+    when r does not divide m a last window w = ⌊m/r⌋ holds the leftover columns and wraps onto the first ones.
+    Each cycle of ⌈m/r⌉ links draws a fresh permutation; in the first cycle the wrapping window comes after every
+    full window, so k links always cover min(k·r, m) distinct columns, as c3LA's do.
     """
-    n_windows = -(-m // r)
+    n_full, n_windows = m // r, -(-m // r)
     cycle, position = divmod(link, n_windows)
-    window = torch.randperm(n_windows, generator=_generator(seed, "cycle", cycle))[position]
+    order = torch.randperm(n_full if cycle == 0 else n_windows, generator=_generator(seed, "cycle", cycle))
+    window = n_full if position >= len(order) else order[position]  # cycle 0: the wrapping window goes last
     return (window * r + torch.arange(r)) % m
 
 

@@ -10,8 +10,10 @@ import transformers  # noqa: E402
 VOCAB = 100
 
 
-def tiny(family="bert", num_labels=2, seed=0):
-    """A tiny randomly initialised sequence classifier (bert, gpt2 or llama), built in memory."""
+def tiny(family="bert", num_labels=2, seed=0, attn_implementation=None):
+    """A tiny randomly initialised sequence classifier (bert, gpt2 or llama), built in memory.
+
+    attn_implementation="eager" for double backward (Hessians): SDPA has none on CPU."""
     torch.manual_seed(seed)
     if family == "bert":
         cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -24,7 +26,8 @@ def tiny(family="bert", num_labels=2, seed=0):
         cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                        num_key_value_heads=2, intermediate_size=64, num_labels=num_labels,
                                        pad_token_id=0)
-    return transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return transformers.AutoModelForSequenceClassification.from_config(cfg, **kwargs).eval()
 
 
 def tiny_batch(n=4, t=7, seed=0):
