@@ -5,6 +5,8 @@ so it is saved as a stock PEFT LoRA adapter with scaling 1; `fft` and `head` sav
 Our own metadata (method, selectors, seeds, base hash, parameter counts) sits beside it.
 """
 import json
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -69,7 +71,7 @@ def _save_peft(model, directory, layers, head_state, base_model):
     tensors.update({PEFT_PREFIX + k: v.detach().contiguous() for k, v in head_state.items()})
     rank = settings["rank"] * settings["chain_length"]
     config = peft.LoraConfig(
-        r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(layers),
+        r=rank, lora_alpha=rank, lora_dropout=settings["dropout"], target_modules=list(layers),
         modules_to_save=settings["head"] or None, task_type="SEQ_CLS",
         fan_in_fan_out=any(isinstance(l.base, Conv1D) for l in layers.values()),
         base_model_name_or_path=models.resolve_model(base_model))
@@ -105,16 +107,73 @@ def read_meta(path):
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path / META}: unsupported format_version {meta.get('format_version')!r}")
         return meta
-    config = _read_json(path / PEFT_CONFIG, "PEFT adapter config")
-    if config.get("peft_type") != "LORA" or not config.get("base_model_name_or_path"):
+    config = _peft_config(path)
+    if not config.get("base_model_name_or_path"):
         raise CheckpointError(f"{path / PEFT_CONFIG}: not a LoRA adapter with base_model_name_or_path")
     heads = config.get("modules_to_save") or []
     head_shapes = {k: v.shape for k, v in _read_tensors(path / PEFT_WEIGHTS).items() if k.endswith(".weight")}
     num_labels = next((shape[0] for k, shape in head_shapes.items()
                        if any(f".{h}." in k for h in heads) and len(shape) == 2), 2)
     return dict(format_version=FORMAT_VERSION, method="lora", rank=config["r"], alpha=config["lora_alpha"],
-                chain_length=1, base_model=config["base_model_name_or_path"], base_model_hash=None,
-                num_labels=num_labels, head=sorted(set(heads)), bits=32, peft=True)
+                chain_length=1, dropout=config.get("lora_dropout", 0.0), base_model=config["base_model_name_or_path"],
+                base_model_hash=None, num_labels=num_labels, head=sorted(set(heads)), bits=32, peft=True)
+
+
+# adapter_config.json, field by field. Read by us: r, lora_alpha, use_rslora, rank_pattern, alpha_pattern (the
+# per-module scaling), bias (which biases the adapter file holds), modules_to_save (the head), lora_dropout.
+PEFT_READ = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
+             "modules_to_save", "lora_dropout", "base_model_name_or_path", "init_lora_weights"}
+# No bearing on the outputs once the saved weights are in place: where adapters go (the weights file says),
+# bookkeeping, and settings that only the initialisations we refuse (init_lora_weights) consult.
+PEFT_NEUTRAL = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+                "task_type", "inference_mode", "revision", "auto_mapping", "peft_version", "runtime_config",
+                "ensure_weight_tying", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+                "corda_config", "lora_ga_config"}
+# Initialisations that only draw A and B, which the saved weights replace. The others (pissa, olora, corda,
+# loftq, lora_ga, mica, ...) rewrite the base weights or change the forward when PEFT loads the adapter.
+PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal")
+PEFT_BIAS = {"none", "lora_only", "all"}
+
+
+def _peft_config(path):
+    """adapter_config.json, refused (CheckpointError naming the field) when any field we do not reproduce
+    (DoRA, lora_bias, layer_replication, trainable tokens, ...) has a value other than its empty default."""
+    file = Path(path) / PEFT_CONFIG
+    config = _read_json(file, "PEFT adapter config")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{file}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    init = config.get("init_lora_weights", True)
+    init = init.lower() if isinstance(init, str) else init
+    unsupported = [(k, v) for k, v in config.items()
+                   if k not in PEFT_READ | PEFT_NEUTRAL and v not in (None, False, [], {})]
+    if init not in PEFT_INITS:
+        unsupported.append(("init_lora_weights", config["init_lora_weights"]))
+    if config.get("bias", "none") not in PEFT_BIAS:
+        unsupported.append(("bias", config["bias"]))
+    if unsupported:
+        field, value = unsupported[0]
+        raise CheckpointError(f"{file}: unsupported {field}={json.dumps(value)[:80]} (it changes the adapter's "
+                              "outputs and adapters does not reproduce it)")
+    return config
+
+
+def _pattern_value(patterns, name, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key that matches
+    the module name as a whole or as a dotted suffix, the key read as a regular expression."""
+    for key, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error as e:
+            raise CheckpointError(f"{PEFT_CONFIG}: pattern key {key!r} is not a regular expression ({e})") from None
+    return default
+
+
+def _peft_scaling(config, name):
+    """(r, scaling) PEFT gives module `name`: lora_alpha / r, or lora_alpha / √r with use_rslora."""
+    r = _pattern_value(config.get("rank_pattern"), name, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+    return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 def read_stats(path):
@@ -135,8 +194,7 @@ def lowrank_factors(path):
     path, meta = _check_dir(path), read_meta(path)
     if not (path / PEFT_WEIGHTS).exists() and get_method(meta["method"]).adapter is None:
         return {}
-    config = _read_json(path / PEFT_CONFIG, "PEFT adapter config")
-    scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    config = _peft_config(path)
     tensors = _read_tensors(path / PEFT_WEIGHTS)
     factors = {}
     for key, A in tensors.items():
@@ -145,6 +203,10 @@ def lowrank_factors(path):
             B = tensors.get(key.replace(".lora_A.", ".lora_B."))
             if B is None:
                 raise CheckpointError(f"corrupt adapter {path}: {name} has lora_A but no lora_B")
+            r, scaling = _peft_scaling(config, name)
+            if A.shape[0] != r:
+                raise CheckpointError(f"corrupt adapter {path}: {name} has rank {A.shape[0]} but "
+                                      f"{PEFT_CONFIG} gives it r={r}")
             factors[name] = (B.float() * scaling, A.float())
     if not factors:
         raise CheckpointError(f"corrupt adapter {path}: no LoRA weights in {PEFT_WEIGHTS}")
@@ -193,20 +255,54 @@ def load(path, *, attn_implementation=None):
         factors = lowrank_factors(path)
         if spec.adapter.selector:  # keep selectors as gathers: columns of the one-hot rows of A
             factors = {n: (B, A.argmax(dim=1)) for n, (B, A) in factors.items()}
-        tensors = _read_tensors(path / PEFT_WEIGHTS)
-        head_state = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()
-                      if not (".lora_A." in k or ".lora_B." in k)}
-        head_state = {k.replace(".modules_to_save.default.", "."): v for k, v in head_state.items()}
         try:
             attach_factors(model, factors, selector=spec.adapter.selector, train_a=spec.adapter.train_a,
                            head=meta["head"])
         except AttributeError as e:
             raise CheckpointError(f"checkpoint {path} does not fit base {meta['base_model']}: {e}") from None
-        model.load_state_dict(head_state, strict=False)
+        _load_other_tensors(model, path, set(factors), meta["head"])
     model.adapter_settings = dict(method=meta["method"], rank=meta["rank"], alpha=meta["alpha"],
                                   chain_length=meta["chain_length"], seed=meta.get("seed", 0),
-                                  targets=list(meta.get("targets", [])), head=list(meta["head"]))
+                                  targets=list(meta.get("targets", [])), head=list(meta["head"]),
+                                  dropout=meta.get("dropout", 0.0))
     return model.eval()
+
+
+def _load_other_tensors(model, path, adapted, head):
+    """Load the adapter file's tensors other than lora_A/lora_B (the head; biases with PEFT's bias="lora_only" or
+    "all"; other modules_to_save) where they belong in our model, and let them train (PEFT trained them).
+
+    PEFT names an adapted layer's own tensors X.base_layer.*, ours are X.base.*. With bias="all" PEFT also saves
+    the biases of its modules_to_save wrapper's inner copies (M.original_module.*, M.modules_to_save.*); its
+    forward uses M.* (which it loads over them), so those copies are skipped when M.* is present. Any other
+    tensor that lands nowhere, and any head tensor the file lacks, is an error: never a silent drop.
+    """
+    tensors = {k: v for k, v in _read_tensors(path / PEFT_WEIGHTS).items()
+               if not re.search(r"\.lora_[AB]\.weight$", k)}
+    stray = next((k for k in tensors if not k.startswith(PEFT_PREFIX)), None)
+    if stray is not None:
+        raise CheckpointError(f"checkpoint {path}: tensor {stray} is not under {PEFT_PREFIX} "
+                              "(PEFT would not load it)")
+    tensors = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()}
+    params, state = dict(model.named_parameters()), model.state_dict()
+    loaded = {}
+    for key, value in tensors.items():
+        copy = re.fullmatch(r"(.+)\.(?:original_module|modules_to_save)\.(.+)", key)
+        if copy and ".".join(copy.groups()) in tensors:
+            continue
+        module, sep, rest = key.partition(".base_layer.")
+        ours = f"{module}.base.{rest}" if sep and module in adapted else key
+        if ours not in state or state[ours].shape != value.shape:
+            raise CheckpointError(f"checkpoint {path}: tensor {key} {tuple(value.shape)} fits nothing in the "
+                                  f"model (an unsupported adapter type, or another base)")
+        loaded[ours] = value
+    missing = sorted(k for k in state if models.in_modules(k, head) and k not in loaded)
+    if missing:
+        raise CheckpointError(f"corrupt checkpoint {path}: head tensor {missing[0]} is missing from {PEFT_WEIGHTS}")
+    model.load_state_dict(loaded, strict=False)
+    for name in loaded:
+        if name in params:
+            params[name].requires_grad_(True)
 
 
 def matrices(path):

@@ -144,21 +144,17 @@ def _read_jsonl(path, f):
 
 
 def _label_ids(values, path):
-    """Integer labels (0..K-1, as ints or digit strings) are ids as given; other labels -> sorted names -> ids."""
+    """Label names and ids. Integer labels (ints or digit strings) that are exactly 0..K-1 are ids as given; any
+    other labels (integers such as {1, 2} or {-1, 1}, or names) map their sorted distinct values to ids 0..K-1, so
+    every id has examples."""
     as_int = [v if isinstance(v, int) and not isinstance(v, bool)
               else int(v) if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v) else None for v in values]
-    if all(v is not None for v in as_int):
-        if min(as_int) < 0:
-            raise AdapterError(f"{path}: integer labels must be >= 0, got {min(as_int)}")
-        names, ids = [str(k) for k in range(max(as_int) + 1)], as_int
-    else:
-        names = sorted({str(v).strip() for v in values})
-        index = {name: k for k, name in enumerate(names)}
-        ids = [index[str(v).strip()] for v in values]
-    present = sorted(set(ids))
-    if len(present) < 2:
-        raise AdapterError(f"{path}: only one class ({names[present[0]]!r}); need at least two")
-    return names, ids
+    keys = as_int if all(v is not None for v in as_int) else [str(v).strip() for v in values]
+    distinct = sorted(set(keys))  # integers in numeric order (2 before 10), names alphabetically
+    if len(distinct) < 2:
+        raise AdapterError(f"{path}: only one class ({str(distinct[0])!r}); need at least two")
+    index = {k: i for i, k in enumerate(distinct)}
+    return [str(k) for k in distinct], [index[k] for k in keys]
 
 
 def _split(examples, splits):

@@ -6,9 +6,12 @@ Runs on accelerate, so the same command works under `accelerate launch` / torchr
 size is global (split over processes) and every random draw (selectors, head init, data order) comes
 from --seed, so every process agrees. AdamW, warmup + linear decay, gradient clipping; chained
 methods end a link at equal shares of the run (one learning-rate schedule for the whole run).
+--mixed-precision bf16/fp16 trains under autocast (fp32 master weights); the final evaluation, the one recorded,
+always runs in fp32 eval mode, so it is what a fresh evaluation of the loaded checkpoint gives.
 """
 import json
 import math
+import pickle
 import platform
 import random
 import resource
@@ -30,6 +33,20 @@ from .methods import get_method
 
 DEFAULT_LR = {True: 5e-5, False: 1e-3}  # by "trains the pretrained weights": fft vs everything else
 STATE = "state.pt"  # the resumable state, in OUT.partial/
+STATE_VERSION = 2  # bump when the resumable state changes: an older state.pt is refused, not misread
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# The range of every numeric argument of train() (None = not given, where it may be). The adapter's own
+# arguments (rank, alpha, chain_length, dropout, targets) are checked by `apply`, before anything is written.
+_AT_LEAST_1, _POSITIVE, _NON_NEGATIVE = (">= 1", lambda v: v >= 1), ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0)
+_FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
+RANGES = dict(epochs=_POSITIVE, max_steps=_AT_LEAST_1, lr=_POSITIVE, lr_ratio=_POSITIVE, weight_decay=_NON_NEGATIVE,
+              warmup=_FRACTION, grad_clip=_NON_NEGATIVE, batch_size=_AT_LEAST_1, max_length=_AT_LEAST_1,
+              n_train=_AT_LEAST_1, n_test=_AT_LEAST_1, eval_every=_AT_LEAST_1, eval_examples=_AT_LEAST_1,
+              save_every=_AT_LEAST_1, save_trajectory=_NON_NEGATIVE)
+# Arguments that do not change what a run computes: a resumed run may differ in these only.
+NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress")
 
 
 def link_boundaries(total_steps, chain_length):
@@ -93,36 +110,74 @@ def _eval_split(accelerator, model, rows, tokenizer, max_length, batch_size):
     return {"loss": sum(losses) / len(losses), "accuracy": sum(c for _, c in parts) / len(losses), "losses": losses}
 
 
+def _check_arguments(args):
+    """Refuse bad arguments before anything is read, loaded or written (one line each)."""
+    get_method(args["method"])
+    for name, (text, ok) in RANGES.items():
+        value = args[name]
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise AdapterError(f"{name} must be {text}, got {value!r}")
+    if args["mixed_precision"] not in (None, *MIXED_PRECISION):
+        raise AdapterError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                           f"got {args['mixed_precision']!r}")
+    if args["data_file"] and not Path(args["data_file"]).exists():
+        raise AdapterError(f"data file not found: {args['data_file']}")
+    out = Path(args["out"])
+    for path in (out, out.with_name(out.name + ".partial")):
+        if path.exists() and not path.is_dir():
+            raise AdapterError(f"output path {path} exists and is not a directory")
+    parent = next(p for p in out.parents if p.exists())  # the filesystem root always exists
+    if not parent.is_dir():
+        raise AdapterError(f"cannot create output directory {out}: {parent} is a file")
+    if out.exists() and any(out.iterdir()) and not args["overwrite"]:
+        raise AdapterError(f"output directory {out} exists and is not empty (use --overwrite)")
+
+
+def _accelerator(mixed_precision):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    # accelerate keeps one precision per process (a singleton): without a reset, a second train() in the same
+    # process would silently keep the first one's, or refuse another. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
+    # Buffers (selectors, folded links) are identical on every process by construction; DDP need
+    # not broadcast them, and they change shape when a link ends.
+    # cpu=True when there is no GPU: accelerate only sets up multi-process CPU (gloo) training then.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if accelerator.mixed_precision != "no" and not accelerator.native_amp:
+        # accelerate would record the precision and train in fp32 (fp16 on CPU): refuse instead.
+        raise AdapterError(f"mixed precision {accelerator.mixed_precision} is not available on "
+                           f"{accelerator.device.type} (use bf16 or no)")
+    return accelerator
+
+
 def train(model="minilm", task="movie-reviews", data_file=None, method="cla", rank=16, alpha=32, targets=None,
           chain_length=1, epochs=1.0, max_steps=None, lr=None, lr_ratio=None, weight_decay=0.0, warmup=0.06,
           grad_clip=1.0, batch_size=16, max_length=64, seed=0, out="ckpt", save_trajectory=0, resume=False,
           overwrite=False, n_train=None, n_test=None, eval_every=None, eval_examples=512, save_every=None,
-          on_step=None, progress=True):
+          dropout=0.0, mixed_precision=None, on_step=None, progress=True):
     """Fine-tune and write a checkpoint to `out`; returns training_stats (also in out/training_stats.json).
 
+    `dropout`: LoRA dropout p on the adapter path (PEFT's lora_dropout). `mixed_precision`: "no", "fp16" or
+    "bf16" autocast for training; None = accelerate's default (ACCELERATE_MIXED_PRECISION, else "no").
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
+    Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
+    the run has set up successfully.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+    args = dict(locals())  # exactly the arguments: checked here, and recorded in the resumable state
+    from accelerate.utils import set_seed
 
+    _check_arguments(args)
     out = Path(out)
     spec = get_method(method)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise AdapterError(f"output directory {out} exists and is not empty (use --overwrite)")
     partial = out.with_name(out.name + ".partial")
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
-    for name, value in (("rank", rank), ("batch_size", batch_size), ("max_length", max_length)):
-        if value < 1:
-            raise AdapterError(f"{name} must be >= 1, got {value}")
     if lr is None:
         lr = DEFAULT_LR[spec.trains_base]
 
-    # Buffers (selectors, folded links) are identical on every process by construction; DDP need
-    # not broadcast them, and they change shape when a link ends.
-    # cpu=True when there is no GPU: accelerate only sets up multi-process CPU (gloo) training then.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True),
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    accelerator = _accelerator(mixed_precision)
     if batch_size % accelerator.num_processes:
         raise AdapterError(f"batch_size {batch_size} must divide over {accelerator.num_processes} processes")
     set_seed(seed)  # dropout draws from the global RNG: same seed, same run
@@ -130,7 +185,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     tokenizer = models.load_tokenizer(model)
     net = models.load_model(model, num_labels=len(the_task.labels), seed=seed)
     base_hash = models.weights_hash(net)
-    apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed)
+    apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed, dropout=dropout)
     optimizer = torch.optim.AdamW(param_groups(net, lr, weight_decay, lr_ratio), lr=lr, weight_decay=weight_decay)
 
     steps_per_epoch = math.ceil(len(the_task.train) / batch_size)
@@ -143,26 +198,36 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         (s + 1) / max(1, warmup_steps), max(0.0, (total - s) / max(1, total - warmup_steps))))
     eval_every = eval_every or max(1, total // 5)
     trajectory_steps = sorted({round(total * (i + 1) / save_trajectory) for i in range(save_trajectory)})
-    snapshots, history, step_times, step = {}, [], [], 0
+    snapshots, history, step_times, running, step = {}, [], [], [], 0
+    # What a resumed run must share with the state it resumes (the precision as accelerate resolved it).
+    results_args = {**{k: v for k, v in args.items() if k not in NOT_RESULTS},
+                    "mixed_precision": accelerator.mixed_precision}
 
     # Resume: replay the links already ended (they change buffer shapes), then load the saved state.
     state_file = partial / STATE
-    if resume and state_file.exists():
-        state = torch.load(state_file, weights_only=False)
+    state = _read_state(state_file, results_args) if resume and state_file.exists() else None
+    if state is not None:
         for _ in [b for b in boundaries if b <= state["step"]]:
             next_link(net)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["py_rng"])
-        step, history, step_times = state["step"], state["history"], state["step_times"]
+        step, history, step_times, running = state["step"], state["history"], state["step_times"], state["running"]
         snapshots = {s: None for s in state["snapshot_steps"]}  # the files are already in partial/
     elif resume:
         accelerator.print(f"no resumable state in {partial}; starting from step 0")
+    elif partial.exists() and accelerator.is_main_process:
+        shutil.rmtree(partial)  # a fresh run: the old state and snapshots are not ours (only now: set-up worked)
+    accelerator.wait_for_everyone()
 
     net, optimizer = accelerator.prepare(net, optimizer)
-    inner = accelerator.unwrap_model(net)
+    inner = accelerator.unwrap_model(net)  # still under the training precision (autocast), for mid-run evals
+    if state is not None and accelerator.scaler is not None:  # fp16's loss scale goes on where it was
+        accelerator.scaler.load_state_dict(state["scaler"])
     eval_rows = the_task.test[:eval_examples]
 
     def batches(epoch):
@@ -177,13 +242,17 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     def save_state():
         if accelerator.is_main_process:
             partial.mkdir(parents=True, exist_ok=True)
-            state = dict(step=step, model=inner.state_dict(), optimizer=optimizer.optimizer.state_dict(),
-                         schedule=schedule.state_dict(), rng=torch.get_rng_state(), py_rng=random.getstate(),
-                         history=history, step_times=step_times, snapshot_steps=sorted(snapshots))
+            # Everything the rest of the run depends on, down to the running loss of the current eval window.
+            state = dict(version=STATE_VERSION, args=results_args, step=step, model=inner.state_dict(),
+                         optimizer=optimizer.optimizer.state_dict(), schedule=schedule.state_dict(),
+                         scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                         rng=torch.get_rng_state(), py_rng=random.getstate(),
+                         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                         history=history, running=running, step_times=step_times, snapshot_steps=sorted(snapshots))
             torch.save(state, partial / (STATE + ".tmp"))
             (partial / (STATE + ".tmp")).replace(state_file)
 
-    start, running = time.perf_counter(), []
+    start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=f"{method} r={rank}", disable=not (progress and
                                                                                   accelerator.is_main_process))
     net.train()
@@ -225,10 +294,14 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     bar.close()
     wall = time.perf_counter() - start
 
-    # Final evaluation: eval mode, final weights, full splits (THEORY.md section 3).
+    # Final evaluation: eval mode, final weights, full splits (THEORY.md section 3), in the weights' own
+    # precision (fp32): accelerate's autocast wrapper comes off, so this is what a fresh load evaluates to.
+    inner = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     train_ev = _eval_split(accelerator, inner, the_task.train, tokenizer, max_length, 2 * batch_size)
     test_ev = _eval_split(accelerator, inner, the_task.test, tokenizer, max_length, 2 * batch_size)
     peak, peak_kind = _peak_memory(accelerator.device)
+    precision = dict(dropout=dropout, mixed_precision=accelerator.mixed_precision,
+                     eval_precision=PRECISION_NAMES[next(inner.parameters()).dtype])
     stats = dict(
         n_train=len(the_task.train), n_test=len(the_task.test), metric="accuracy",
         train_loss=train_ev["loss"], test_loss=test_ev["loss"],
@@ -241,14 +314,14 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         median_step_time_s=statistics.median(step_times) if step_times else None,
         throughput_examples_per_s=batch_size / statistics.median(step_times) if step_times else None,
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
-        device=str(accelerator.device), versions=_versions())
+        device=str(accelerator.device), **precision, versions=_versions())
     if accelerator.is_main_process:
         task_meta = dict(name=the_task.name, data=str(Path(data_file).resolve()) if data_file else None,
                          labels=the_task.labels, max_length=max_length, n_train=n_train, n_test=n_test,
                          sha256=the_task.sha256)
         hyper = dict(lr=lr, lr_ratio=lr_ratio if lr_ratio is not None else (
             spec.adapter.lr_ratio if spec.adapter else 1.0), weight_decay=weight_decay, warmup=warmup,
-            grad_clip=grad_clip, batch_size=batch_size, steps=total)
+            grad_clip=grad_clip, batch_size=batch_size, steps=total, **precision)
 
         def write_trajectory(directory):
             directory.mkdir()
@@ -263,6 +336,22 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     return stats
+
+
+def _read_state(state_file, results_args):
+    """The resumable state, refused when it is from another version or another run's settings."""
+    try:
+        state = torch.load(state_file, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise AdapterError(f"corrupt resumable state {state_file} ({e}); rerun without --resume") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise AdapterError(f"{state_file} was written by another version of adapters.train; "
+                           "rerun without --resume to start afresh")
+    changed = sorted(k for k in results_args if state["args"].get(k) != results_args[k])
+    if changed:
+        raise AdapterError(f"{state_file} is from a run with other settings ({', '.join(changed)}); "
+                           "resume with the same settings, or rerun without --resume")
+    return state
 
 
 def _parser():
@@ -293,17 +382,17 @@ def _parser():
     p.add_argument("--save-trajectory", type=int, default=0, metavar="N", help="N snapshots of trained params")
     p.add_argument("--save-every", type=int, help="write resumable state every N steps (to OUT.partial/)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial/ if present")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p on the adapter path (PEFT lora_dropout)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
+                   help="autocast for training (default: accelerate's, ACCELERATE_MIXED_PRECISION or no); "
+                        "the final evaluation is fp32")
     return p
 
 
 @cli
 def main(argv=None):
     args = vars(_parser().parse_args(argv))
-    if args["max_steps"] is not None and args["max_steps"] < 1:
-        raise AdapterError(f"--max-steps must be >= 1, got {args['max_steps']}")
-    if args["data_file"] and not Path(args["data_file"]).exists():
-        raise AdapterError(f"data file not found: {args['data_file']}")
-    stats = train(**args)
+    stats = train(**args)  # checks every argument before it writes anything
     summary = {k: stats[k] for k in ("n_train", "n_test", "train_loss", "test_loss", "train_metric", "test_metric",
                                      "generalization_gap", "median_step_time_s")}
     print(json.dumps(dict(out=args["out"], method=args["method"], **summary)))

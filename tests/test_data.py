@@ -114,6 +114,21 @@ def test_integer_labels_and_split_column(tmp_path):
     assert load_task(data=js).train == task.train  # JSON ints and CSV digit strings mean the same
 
 
+@pytest.mark.parametrize("values, names", [
+    ([1, 2], ["1", "2"]),          # not 0..K-1: id 0 would be an empty class
+    ([0, 2], ["0", "2"]),          # a gap: the same
+    ([10, 2, -1], ["-1", "2", "10"]),  # numeric order, negatives allowed
+])
+def test_integer_labels_that_are_not_0_to_k_minus_1_map_their_sorted_values_to_ids(tmp_path, values, names):
+    labels = [values[i % len(values)] for i in range(20)]
+    path = _write(tmp_path / "d.csv", list(zip(TEXTS, labels)), ["text", "label"])
+    task = load_task(data=path)
+    assert task.labels == names
+    assert sorted(task.train + task.test) == sorted((t, names.index(str(y))) for t, y in zip(TEXTS, labels))
+    js = _write(tmp_path / "d.jsonl", list(zip(TEXTS, labels)), ["text", "label"])
+    assert load_task(data=js).train == task.train
+
+
 def _error(tmp_path, name, rows, columns, **kw):
     path = _write(tmp_path / name, rows, columns)
     with pytest.raises(AdapterError) as e:

@@ -1,5 +1,6 @@
 """adapters.train and checkpoints: PEFT compatibility, resume, DDP, real MiniLM end to end, bad input."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -86,23 +87,122 @@ def test_loaded_model_trains_exactly_the_trained_scalars_and_matches_the_traject
     assert meta["parameters"]["adapter"] == sum(3 * 4 * (l["m"] + l["n"]) for l in meta["parameters"]["layers"])
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_dirs):
-    settings = dict(max_steps=10, chain_length=2, save_every=2)
-    full, _ = _train(tmp_path, tiny_dirs["bert"], "rc3la", name="full", **settings)
+TIMING = {"wall_time_s", "median_step_time_s", "throughput_examples_per_s", "peak_memory_bytes"}
 
-    class Crash(Exception):
-        pass
 
-    def crash(step):
-        if step == 5:
+def _assert_same_run(a, b):
+    """Two checkpoint directories hold the same run: every file byte for byte (weights, configs, metadata,
+    trajectory), training_stats.json up to its timing and memory fields."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        if f.name == "training_stats.json":
+            sa, sb = (json.loads((d / f).read_text()) for d in (a, b))
+            assert {k: v for k, v in sa.items() if k not in TIMING} == {k: v for k, v in sb.items() if k not in TIMING}
+        else:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_step(s):
+        if s == step:
             raise Crash
-    with pytest.raises(Crash):
-        _train(tmp_path, tiny_dirs["bert"], "rc3la", name="resumed", on_step=crash, **settings)
-    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "state.pt").exists()
-    resumed, _ = _train(tmp_path, tiny_dirs["bert"], "rc3la", name="resumed", resume=True, **settings)
-    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return on_step
+
+
+def _crash_and_resume(tmp_path, model, method, crashes, **settings):
+    """Run to the end through a crash after each step in `crashes` (resuming each time); return the out dir."""
+    for step in crashes:
+        with pytest.raises(Crash):
+            _train(tmp_path, model, method, name="resumed", resume=True, on_step=_crash_at(step), **settings)
+        assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "state.pt").exists()
+    resumed, _ = _train(tmp_path, model, method, name="resumed", resume=True, **settings)
     assert not (tmp_path / "resumed.partial").exists()
+    return resumed
+
+
+def test_resume_writes_exactly_what_an_uninterrupted_run_writes(tmp_path, tiny_dirs):
+    # The crash falls inside an eval window (eval_every=3) and between two saved states (save_every=2).
+    settings = dict(max_steps=10, chain_length=2, save_every=2, eval_every=3, save_trajectory=5)
+    full, _ = _train(tmp_path, tiny_dirs["bert"], "rc3la", name="full", **settings)
+    _assert_same_run(full, _crash_and_resume(tmp_path, tiny_dirs["bert"], "rc3la", [5], **settings))
+
+
+def test_resume_across_chain_links_is_bit_identical(tmp_path, tiny_dirs):
+    # Links end after steps 4 and 8: crash right after the first boundary (state saved at 4), then mid-link 2.
+    settings = dict(max_steps=12, chain_length=3, save_every=2, eval_every=3, save_trajectory=3, dropout=0.1)
+    full, _ = _train(tmp_path, tiny_dirs["bert"], "c3la", name="full", **settings)
+    assert adapters.read_meta(full)["link_boundaries"] == [4, 8]
+    _assert_same_run(full, _crash_and_resume(tmp_path, tiny_dirs["bert"], "c3la", [4, 7], **settings))
+
+
+def test_resume_with_other_settings_is_refused_and_keeps_the_state(tmp_path, capsys, tiny_dirs):
+    settings = dict(max_steps=6, save_every=2)
+    with pytest.raises(Crash):
+        _train(tmp_path, tiny_dirs["bert"], "cla", name="run", on_step=_crash_at(3), **settings)
+    out = tmp_path / "run"
+    args = ["--model", tiny_dirs["bert"], "--method", "cla", "--rank", "4", "--alpha", "8", "--max-steps", "6",
+            "--n-train", "48", "--n-test", "24", "--batch-size", "8", "--max-length", "32", "--out", str(out),
+            "--resume"]
+    code, err = _cli(tmp_path, capsys, *args, "--lr", "0.01")
+    assert code == 2 and err.startswith("error: ") and "other settings (lr)" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "run.partial" / "state.pt").exists() and not out.exists()
+    (tmp_path / "run.partial" / "state.pt").write_text("not a state")
+    code, err = _cli(tmp_path, capsys, *args)
+    assert code == 2 and "corrupt resumable state" in err and len(err.splitlines()) == 1
+
+
+def _fresh_losses(path):
+    model = adapters.load(path)
+    return {split: evaluate.evaluate(model, evaluate.checkpoint_batches(path, split))["loss"]
+            for split in ("train", "test")}
+
+
+@pytest.mark.parametrize("method", ["cla", "lora"])
+def test_bf16_mixed_precision_trains_and_records_an_fp32_final_evaluation(tmp_path, tiny_dirs, method):
+    path, stats = _train(tmp_path, tiny_dirs["bert"], method, mixed_precision="bf16", lr=1e-2)
+    assert stats["mixed_precision"] == "bf16" and stats["eval_precision"] == "fp32"
+    assert all(math.isfinite(h["train_loss_running"]) for h in stats["history"])
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    B = tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"]
+    assert B.abs().sum() > 0  # B starts at 0: the weights changed
+    # The recorded losses are those of the final weights in fp32 eval mode: a fresh evaluation of the checkpoint.
+    fresh = _fresh_losses(path)
+    assert fresh["train"] == pytest.approx(stats["train_loss"], rel=1e-6)
+    assert fresh["test"] == pytest.approx(stats["test_loss"], rel=1e-6)
+    meta = adapters.read_meta(path)
+    assert meta["training"]["mixed_precision"] == "bf16" and meta["training"]["eval_precision"] == "fp32"
+
+
+def test_mixed_precision_default_is_accelerates_and_each_run_gets_its_own(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    _, stats = _train(tmp_path, tiny_dirs["bert"], "lora", name="env", max_steps=1)
+    assert stats["mixed_precision"] == "bf16"
+    # accelerate keeps one precision per process: the next run must still get the one it asks for.
+    _, stats = _train(tmp_path, tiny_dirs["bert"], "lora", name="no", max_steps=1, mixed_precision="no")
+    assert stats["mixed_precision"] == "no"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    _, stats = _train(tmp_path, tiny_dirs["bert"], "lora", name="default", max_steps=1)
+    assert stats["mixed_precision"] == "no"
+
+
+def test_lora_dropout_is_applied_recorded_and_off_in_the_final_evaluation(tmp_path, tiny_dirs):
+    plain, _ = _train(tmp_path, tiny_dirs["bert"], "lora", name="plain", lr=1e-2)
+    path, stats = _train(tmp_path, tiny_dirs["bert"], "lora", name="dropout", dropout=0.3, lr=1e-2)
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (plain, path))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the same seed, other masks: dropout acted
+    meta = adapters.read_meta(path)
+    assert meta["dropout"] == 0.3 and meta["training"]["dropout"] == 0.3 and stats["dropout"] == 0.3
+    assert json.loads((path / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+    assert adapters.load(path).adapter_settings["dropout"] == 0.3
+    assert _fresh_losses(path)["test"] == pytest.approx(stats["test_loss"], rel=1e-6)
+    batch = {k: v for k, v in evaluate.checkpoint_batches(path, "test", batch_size=24)[0].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(adapters.load(path)(**batch).logits, _peft_logits(path, batch), rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_checkpoint_on_cpu(tmp_path, tiny_dirs):
@@ -229,6 +329,63 @@ def test_bad_training_input(tmp_path, capsys, tiny_dirs, args, message):
     code, err = _cli(tmp_path, capsys, "--model", tiny_dirs["bert"], *args, "--max-steps", "1", "--out", str(out))
     assert code == 2 and message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n-train", "0"], "n_train must be >= 1, got 0"),
+    (["--n-test", "0"], "n_test must be >= 1, got 0"),
+    (["--lr", "-1"], "lr must be > 0, got -1.0"),
+    (["--lr", "nan"], "lr must be > 0, got nan"),
+    (["--lr-ratio", "0"], "lr_ratio must be > 0"),
+    (["--alpha", "0"], "alpha must be > 0"),
+    (["--epochs", "0"], "epochs must be > 0, got 0.0"),
+    (["--max-steps", "0"], "max_steps must be >= 1, got 0"),
+    (["--save-trajectory", "-1"], "save_trajectory must be >= 0, got -1"),
+    (["--warmup", "1"], "warmup must be in [0, 1), got 1.0"),
+    (["--grad-clip", "-0.5"], "grad_clip must be >= 0"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["--eval-every", "0"], "eval_every must be >= 1"),
+    (["--save-every", "0"], "save_every must be >= 1"),
+    (["--dropout", "1"], "dropout must be in [0, 1)"),
+    (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--method", "fft", "--targets", "query"], "'fft' has no adapter layers"),
+    (["--method", "head", "--targets", "query"], "'head' has no adapter layers"),
+    (["--method", "cla", "--targets", "nothing_like_this"], "matches no linear layer"),
+    (["--out", "FILE"], "exists and is not a directory"),
+    (["--out", "FILE/sub"], "is a file"),
+])
+def test_bad_argument_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, tiny_dirs, args, message):
+    (tmp_path / "file").write_text("mine")
+    args = [str(tmp_path / "file") + a[4:] if a.startswith("FILE") else a for a in args]
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else tmp_path / "out"
+    # A resumable state from an earlier run must survive a bad argument.
+    partial = out.with_name(out.name + ".partial")
+    if partial.parent.is_dir():
+        partial.mkdir()
+        (partial / "state.pt").write_text("earlier run")
+    code, err = _cli(tmp_path, capsys, "--model", tiny_dirs["bert"], "--max-steps", "1", "--n-train", "16",
+                     "--n-test", "8", "--batch-size", "8", "--rank", "2", "--alpha", "4", "--out", str(out), *args)
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+    assert (tmp_path / "file").read_text() == "mine"
+    assert not partial.parent.is_dir() or (partial / "state.pt").read_text() == "earlier run"
+    assert not (out.exists() and out.is_dir()) and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast exists on GPUs")
+def test_fp16_without_a_gpu_is_refused_not_run_in_fp32(tmp_path, capsys, tiny_dirs):
+    code, err = _cli(tmp_path, capsys, "--model", tiny_dirs["bert"], "--max-steps", "1", "--mixed-precision", "fp16",
+                     "--out", str(tmp_path / "out"))
+    assert code == 2 and "mixed precision fp16 is not available on cpu" in err
+
+
+def test_integer_labels_1_and_2_train_a_two_way_head(tmp_path, capsys, tiny_dirs):
+    data_file = tmp_path / "d.csv"
+    data_file.write_text("text,label\n" + "".join(f"good film {i},2\nbad film {i},1\n" for i in range(10)))
+    out = tmp_path / "out"
+    assert main(["--model", tiny_dirs["bert"], "--data", str(data_file), "--max-steps", "1", "--batch-size", "8",
+                 "--rank", "2", "--alpha", "4", "--out", str(out)]) == 0
+    meta = adapters.read_meta(out)
+    assert meta["num_labels"] == 2 and meta["task"]["labels"] == ["1", "2"]
 
 
 def test_existing_output_directory_is_refused(tmp_path, capsys, tiny_dirs):
