@@ -170,16 +170,21 @@ def trained_parameters(model):
                 total=adapter + head_count + other)
 
 
-def param_groups(model, lr, weight_decay=0.0, lr_ratio=None):
-    """Optimizer parameter groups: B factors get lr·λ (λ = lr_ratio or the method's default, LoRA+)."""
+def param_groups(model, lr, weight_decay=0.0, lr_ratio=None, head_lr_mult=None):
+    """Optimizer parameter groups: B factors get lr·λ (λ = lr_ratio or the method's default, LoRA+), the task head
+    lr·μ (μ = head_lr_mult or the method's: 10 for fft and head-only, as in the paper), the rest lr."""
+    settings = getattr(model, "adapter_settings", {})
+    method = get_method(settings["method"]) if "method" in settings else None
     layers = adapted_layers(model).values()
-    ratio = lr_ratio if lr_ratio is not None else (
-        next(iter(layers)).spec.lr_ratio if layers else 1.0)
+    ratio = lr_ratio if lr_ratio is not None else (next(iter(layers)).spec.lr_ratio if layers else 1.0)
+    mult = head_lr_mult if head_lr_mult is not None else (method.head_lr_mult if method else 1.0)
     b_ids = {id(layer.B) for layer in layers}
+    head_ids = {id(p) for h in settings.get("head", []) for p in model.get_submodule(h).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in trainable if id(p) not in b_ids], lr=lr, weight_decay=weight_decay),
-              dict(params=[p for p in trainable if id(p) in b_ids], lr=lr * ratio, weight_decay=weight_decay)]
-    return [g for g in groups if g["params"]]
+    groups = [dict(params=[p for p in trainable if id(p) not in b_ids | head_ids], lr=lr),
+              dict(params=[p for p in trainable if id(p) in b_ids], lr=lr * ratio),
+              dict(params=[p for p in trainable if id(p) in head_ids], lr=lr * mult)]
+    return [dict(g, weight_decay=weight_decay) for g in groups if g["params"]]
 
 
 @torch.no_grad()

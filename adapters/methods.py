@@ -82,11 +82,12 @@ class Method:
     description: str
     adapter: Optional[Adapter] = None   # None: no adapter layers (fft, head)
     trains_base: bool = False           # every pretrained weight trains (fft)
+    head_lr_mult: float = 1.0           # the task head's lr = head_lr_mult · lr (the paper: 10 for fft and head)
 
 
 METHODS = {m.name: m for m in [
-    Method("fft", "full fine-tuning: every parameter", trains_base=True),
-    Method("head", "the task head only"),
+    Method("fft", "full fine-tuning: every parameter", trains_base=True, head_lr_mult=10.0),
+    Method("head", "the task head only", head_lr_mult=10.0),
     Method("lora", "LoRA: A and B trained", Adapter(kaiming_a, selector=False, train_a=True)),
     Method("lora_plus", "LoRA+: lr_B = λ·lr_A", Adapter(kaiming_a, False, train_a=True, lr_ratio=16.0)),
     Method("asym", "asymmetric LoRA: random frozen A, B trained", Adapter(kaiming_a, False)),

@@ -43,8 +43,9 @@ _AT_LEAST_1, _POSITIVE, _NON_NEGATIVE = (">= 1", lambda v: v >= 1), ("> 0", lamb
 _FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
 RANGES = dict(epochs=_POSITIVE, max_steps=_AT_LEAST_1, lr=_POSITIVE, lr_ratio=_POSITIVE, weight_decay=_NON_NEGATIVE,
               warmup=_FRACTION, grad_clip=_NON_NEGATIVE, batch_size=_AT_LEAST_1, max_length=_AT_LEAST_1,
-              n_train=_AT_LEAST_1, n_test=_AT_LEAST_1, eval_every=_AT_LEAST_1, eval_examples=_AT_LEAST_1,
-              save_every=_AT_LEAST_1, save_trajectory=_NON_NEGATIVE)
+              n_train=_AT_LEAST_1, n_val=_AT_LEAST_1, n_test=_AT_LEAST_1, val_fraction=_FRACTION,
+              head_lr_mult=_POSITIVE, eval_every=_AT_LEAST_1, eval_examples=_AT_LEAST_1, save_every=_AT_LEAST_1,
+              save_trajectory=_NON_NEGATIVE)
 # Arguments that do not change what a run computes: a resumed run may differ in these only.
 NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress")
 
@@ -97,17 +98,30 @@ def _loss_summary(prefix, losses):
 
 
 def _eval_split(accelerator, model, rows, tokenizer, max_length, batch_size):
-    """Evaluate `rows` sharded over processes; every process gets the full per-example result."""
+    """Evaluate `rows` sharded over processes; every process gets the full per-example result (in row order).
+
+    None for no rows. Each shard is batched in order of length (little padding: an example's loss does not depend
+    on its batch-mates), and its per-example losses are put back in row order.
+    """
+    if not rows:
+        return None
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = evaluate.batches(tokenizer, rows[rank::world], max_length, batch_size) if rows[rank::world] else []
-    result = evaluate.evaluate(model, mine) if mine else {"losses": [], "accuracy": 0.0}
-    part = (result["losses"], round(result["accuracy"] * len(result["losses"])))
-    parts = [part]
+    mine = rows[rank::world]
+    order = sorted(range(len(mine)), key=data.token_lengths(tokenizer, mine, max_length).__getitem__)
+    losses, correct = [0.0] * len(mine), 0
+    if mine:
+        result = evaluate.evaluate(model, evaluate.batches(tokenizer, [mine[i] for i in order], max_length, batch_size))
+        for i, loss in zip(order, result["losses"]):
+            losses[i] = loss
+        correct = round(result["accuracy"] * len(mine))
+    parts = [(losses, correct)]
     if world > 1:
         parts = [None] * world
-        torch.distributed.all_gather_object(parts, part)
-    losses = [loss for ls, _ in parts for loss in ls]
-    return {"loss": sum(losses) / len(losses), "accuracy": sum(c for _, c in parts) / len(losses), "losses": losses}
+        torch.distributed.all_gather_object(parts, (losses, correct))
+    every = [None] * len(rows)
+    for r, (shard, _) in enumerate(parts):
+        every[r::world] = shard
+    return {"loss": sum(every) / len(every), "accuracy": sum(c for _, c in parts) / len(every), "losses": every}
 
 
 def _check_arguments(args):
@@ -157,12 +171,17 @@ def _accelerator(mixed_precision):
 def train(model="minilm", task="movie-reviews", data_file=None, method="cla", rank=16, alpha=32, targets=None,
           chain_length=1, epochs=1.0, max_steps=None, lr=None, lr_ratio=None, weight_decay=0.0, warmup=0.06,
           grad_clip=1.0, batch_size=16, max_length=64, seed=0, out="ckpt", save_trajectory=0, resume=False,
-          overwrite=False, n_train=None, n_test=None, eval_every=None, eval_examples=512, save_every=None,
-          dropout=0.0, mixed_precision=None, on_step=None, progress=True):
+          overwrite=False, n_train=None, n_val=None, n_test=None, val_fraction=data.VAL_FRACTION, head_lr_mult=None,
+          group_by_length=True, eval_every=None, eval_examples=512, save_every=None, dropout=0.0,
+          mixed_precision=None, on_step=None, progress=True):
     """Fine-tune and write a checkpoint to `out`; returns training_stats (also in out/training_stats.json).
 
     `dropout`: LoRA dropout p on the adapter path (PEFT's lora_dropout). `mixed_precision`: "no", "fp16" or
     "bf16" autocast for training; None = accelerate's default (ACCELERATE_MIXED_PRECISION, else "no").
+    The validation split (`val_fraction` of the training split unless the data has one; `n_val` caps it) is what
+    the mid-run evaluations in `history` use and is evaluated at the end beside train and test; test is never
+    looked at before the end. `head_lr_mult`: the head's lr multiplier (default: the method's, 10 for fft and
+    head-only). `group_by_length`: batches of similar length (less padding, same examples per epoch).
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
     Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
     the run has set up successfully.
@@ -181,12 +200,13 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     if batch_size % accelerator.num_processes:
         raise AdapterError(f"batch_size {batch_size} must divide over {accelerator.num_processes} processes")
     set_seed(seed)  # dropout draws from the global RNG: same seed, same run
-    the_task = data.load_task(task, data_file, n_train=n_train, n_test=n_test)
+    the_task = data.load_task(task, data_file, n_train=n_train, n_val=n_val, n_test=n_test, val_fraction=val_fraction)
     tokenizer = models.load_tokenizer(model)
     net = models.load_model(model, num_labels=len(the_task.labels), seed=seed)
     base_hash = models.weights_hash(net)
     apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed, dropout=dropout)
-    optimizer = torch.optim.AdamW(param_groups(net, lr, weight_decay, lr_ratio), lr=lr, weight_decay=weight_decay)
+    groups = param_groups(net, lr, weight_decay, lr_ratio, head_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
     steps_per_epoch = math.ceil(len(the_task.train) / batch_size)
     total = max_steps if max_steps is not None else max(1, round(epochs * steps_per_epoch))
@@ -228,16 +248,24 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     inner = accelerator.unwrap_model(net)  # still under the training precision (autocast), for mid-run evals
     if state is not None and accelerator.scaler is not None:  # fp16's loss scale goes on where it was
         accelerator.scaler.load_state_dict(state["scaler"])
-    eval_rows = the_task.test[:eval_examples]
+    eval_rows = the_task.val[:eval_examples]  # mid-run evaluations: validation, never test
+    lengths = data.token_lengths(tokenizer, the_task.train, max_length) if group_by_length else None
 
     def batches(epoch):
         """This epoch's batches: the order depends on (seed, epoch) only, the same on every process,
         and starting an epoch leaves the global RNG (dropout) untouched, so a resumed run replays exactly."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        collate = data.collate(tokenizer, max_length)
+        if group_by_length:
+            # generator= as well: without one, the DataLoader draws its workers' base seed from the global RNG
+            # when iteration starts, which would shift dropout's stream on a resumed run.
+            loader = torch.utils.data.DataLoader(the_task.train, collate_fn=collate, generator=g,
+                                                 batch_sampler=data.length_grouped_batches(lengths, batch_size, g))
+        else:
+            loader = torch.utils.data.DataLoader(the_task.train, batch_size=batch_size, shuffle=True, generator=g,
+                                                 drop_last=False, collate_fn=collate)
         with torch.random.fork_rng(devices=[]):
-            return iter(accelerator.prepare_data_loader(torch.utils.data.DataLoader(
-                the_task.train, batch_size=batch_size, shuffle=True, generator=g, drop_last=False,
-                collate_fn=data.collate(tokenizer, max_length))))
+            return iter(accelerator.prepare_data_loader(loader))
 
     def save_state():
         if accelerator.is_main_process:
@@ -282,8 +310,9 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             if step % eval_every == 0 or step == total:
                 ev = _eval_split(accelerator, inner, eval_rows, tokenizer, max_length, 2 * batch_size)
                 history.append(dict(step=step, train_loss_running=sum(running) / len(running), lr=schedule.get_last_lr()[0],
-                                    eval_loss=ev["loss"], eval_accuracy=ev["accuracy"]))
-                bar.set_postfix(loss=f"{history[-1]['train_loss_running']:.3f}", acc=f"{ev['accuracy']:.3f}")
+                                    val_loss=ev and ev["loss"], val_accuracy=ev and ev["accuracy"]))
+                bar.set_postfix(loss=f"{history[-1]['train_loss_running']:.3f}",
+                                **({"val_acc": f"{ev['accuracy']:.3f}"} if ev else {}))
                 running = []
             if save_every and step % save_every == 0 and step < total:
                 save_state()
@@ -298,14 +327,17 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     # precision (fp32): accelerate's autocast wrapper comes off, so this is what a fresh load evaluates to.
     inner = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     train_ev = _eval_split(accelerator, inner, the_task.train, tokenizer, max_length, 2 * batch_size)
+    val_ev = _eval_split(accelerator, inner, the_task.val, tokenizer, max_length, 2 * batch_size)
     test_ev = _eval_split(accelerator, inner, the_task.test, tokenizer, max_length, 2 * batch_size)
     peak, peak_kind = _peak_memory(accelerator.device)
     precision = dict(dropout=dropout, mixed_precision=accelerator.mixed_precision,
                      eval_precision=PRECISION_NAMES[next(inner.parameters()).dtype])
     stats = dict(
-        n_train=len(the_task.train), n_test=len(the_task.test), metric="accuracy",
-        train_loss=train_ev["loss"], test_loss=test_ev["loss"],
-        train_metric=train_ev["accuracy"], test_metric=test_ev["accuracy"],
+        n_train=len(the_task.train), n_val=len(the_task.val), n_test=len(the_task.test), metric="accuracy",
+        train_loss=train_ev["loss"], val_loss=val_ev and val_ev["loss"], test_loss=test_ev["loss"],
+        train_metric=train_ev["accuracy"], val_metric=val_ev and val_ev["accuracy"], test_metric=test_ev["accuracy"],
+        train_accuracy=train_ev["accuracy"], val_accuracy=val_ev and val_ev["accuracy"],
+        test_accuracy=test_ev["accuracy"],
         generalization_gap=test_ev["loss"] - train_ev["loss"],
         abs_generalization_gap=abs(test_ev["loss"] - train_ev["loss"]),
         metric_gap=train_ev["accuracy"] - test_ev["accuracy"],
@@ -317,11 +349,13 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         device=str(accelerator.device), **precision, versions=_versions())
     if accelerator.is_main_process:
         task_meta = dict(name=the_task.name, data=str(Path(data_file).resolve()) if data_file else None,
-                         labels=the_task.labels, max_length=max_length, n_train=n_train, n_test=n_test,
-                         sha256=the_task.sha256)
+                         labels=the_task.labels, max_length=max_length, n_train=n_train, n_val=n_val, n_test=n_test,
+                         val_fraction=val_fraction, sha256=the_task.sha256)
         hyper = dict(lr=lr, lr_ratio=lr_ratio if lr_ratio is not None else (
-            spec.adapter.lr_ratio if spec.adapter else 1.0), weight_decay=weight_decay, warmup=warmup,
-            grad_clip=grad_clip, batch_size=batch_size, steps=total, **precision)
+            spec.adapter.lr_ratio if spec.adapter else 1.0),
+            head_lr_mult=head_lr_mult if head_lr_mult is not None else spec.head_lr_mult,
+            group_lrs=[g["lr"] for g in groups], weight_decay=weight_decay, warmup=warmup,
+            grad_clip=grad_clip, batch_size=batch_size, group_by_length=group_by_length, steps=total, **precision)
 
         def write_trajectory(directory):
             directory.mkdir()
@@ -374,7 +408,13 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=16, help="global batch size")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--n-train", type=int, help="use the first N training examples of the fixed split")
+    p.add_argument("--n-val", type=int, help="use the first N validation examples of the fixed split")
     p.add_argument("--n-test", type=int, help="use the first N test examples of the fixed split")
+    p.add_argument("--val-fraction", type=float, default=data.VAL_FRACTION,
+                   help="share of the training split held out for validation when the data has none (0: none)")
+    p.add_argument("--head-lr-mult", type=float, help="head lr = this × lr (default: 10 for fft and head, else 1)")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="plain shuffled batches instead of batches of similar length")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 5 per run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt")
@@ -393,8 +433,9 @@ def _parser():
 def main(argv=None):
     args = vars(_parser().parse_args(argv))
     stats = train(**args)  # checks every argument before it writes anything
-    summary = {k: stats[k] for k in ("n_train", "n_test", "train_loss", "test_loss", "train_metric", "test_metric",
-                                     "generalization_gap", "median_step_time_s")}
+    summary = {k: stats[k] for k in ("n_train", "n_val", "n_test", "train_loss", "val_loss", "test_loss",
+                                     "train_metric", "val_metric", "test_metric", "generalization_gap",
+                                     "median_step_time_s")}
     print(json.dumps(dict(out=args["out"], method=args["method"], **summary)))
     return 0
 

@@ -1,15 +1,20 @@
 """Hessian spectrum of the training loss at a checkpoint (THEORY.md section 6).
 
-    python -m analysis.hessian CKPT [--top-k 5] [--trace] [--density] [--space trainable|all]
-        [--examples 256] [--split train|test] [--seed S] [--out DIR]
+    python -m analysis.hessian CKPT [--top-k 5] [--trace] [--density] [--space trainable|effective|all]
+        [--parametrization trained|folded] [--matrices T ...] [--examples 256] [--split train|test] [--seed S]
+        [--out DIR]
 
 H = ∇²L(θ*) over the chosen parameters, L the mean per-example cross-entropy over the examples,
-in eval mode (dropout off). H is never formed: Hessian-vector products come from double backward,
+in eval mode (dropout off). The space and its parametrisation are analysis.spaces': by default the
+method's trained scalars as it trained them (B with the scale s in the forward, not the stored B' = s·B,
+whose curvature is 1/s² as large); `--space effective` takes W0 + ΔW of the compared matrices, the same
+variables for every method. H is never formed: Hessian-vector products come from double backward,
 H v = ∇_θ (∇_θ L · v), accumulated over batches. On top of that (analysis.lanczos): the top-k
 eigenvalues by Lanczos with full reorthogonalisation, the trace by Hutchinson (or Hutch++) with
 its standard error, and the spectral density by stochastic Lanczos quadrature.
 
-Writes DIR/hessian.json (eigenvalues descending, trace, trace_stderr, settings, seeds) and
+Writes DIR/hessian.json (eigenvalues descending, Lanczos convergence, trace, trace_stderr, settings,
+seeds, the space and its parametrisation) and
 DIR/hessian_density.{png,pdf} with --density. Transformers models are loaded with eager attention
 (SDPA has no double backward on CPU).
 """
@@ -23,10 +28,11 @@ import torch
 from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.evaluate import examples_arg
 from adapters.io import write_json
-from analysis import lanczos
-from analysis.landscape import SPLITS, batch_loss, eval_mode, space_parameters, to_device
+from analysis import lanczos, spaces
+from analysis.landscape import SPLITS, batch_loss, eval_mode, to_device
 
-DEFAULTS = dict(top_k=5, trace=False, density=False, space="trainable", examples=256, split="train",
+DEFAULTS = dict(top_k=5, trace=False, density=False, space="trainable", parametrization="trained", matrices=None,
+                examples=256, split="train",
                 batch_size=32, seed=0, out=None, device=None, cache_graph=False, max_iter=100, tol=1e-4,
                 trace_method="hutchinson", trace_samples=32, density_steps=50, density_runs=3, sigma=None,
                 progress=True, formats=("png", "pdf"))
@@ -159,6 +165,9 @@ def _settings(settings):
         raise AdapterError("nothing to compute: give --top-k ≥ 1, --trace or --density")
     if s["split"] not in SPLITS:
         raise AdapterError(f"--split must be train or test, got {s['split']!r}")
+    if s["space"] not in spaces.SPACES or s["parametrization"] not in spaces.PARAMETRIZATIONS:
+        raise AdapterError(f"--space must be one of {', '.join(spaces.SPACES)} and --parametrization one of "
+                           f"{', '.join(spaces.PARAMETRIZATIONS)}, got {s['space']!r}, {s['parametrization']!r}")
     if s["examples"] is not None and (not isinstance(s["examples"], int) or s["examples"] < 1):
         raise AdapterError(f"--examples must be a positive integer or all, got {s['examples']!r}")
     if s["trace_method"] not in ("hutchinson", "hutch++"):
@@ -183,14 +192,16 @@ def run(ckpt, **settings):
     meta = adapters.read_meta(ckpt)
     out = Path(s["out"] or ckpt)
     device = torch.device(s["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = adapters.load(ckpt, attn_implementation="eager").to(device).eval()
-    named = space_parameters(model, s["space"])
+    model = adapters.load(ckpt, attn_implementation="eager").eval()
+    named, space = spaces.prepare(model, meta, s["space"], s["parametrization"], s["matrices"])
+    model.to(device)
     batches = to_device(ev.checkpoint_batches(ckpt, s["split"], s["examples"], s["batch_size"], s["seed"]), device)
     op = HessianOperator(model, [p for _, p in named], batches, cache_graph=s["cache_graph"])
     loss, grad = op.gradient()
     result = {"checkpoint": ckpt, "method": meta.get("method"),
               "settings": {k: v for k, v in s.items() if k not in ("out", "progress", "device", "formats")},
-              "examples": op.count, "loss": loss, "grad_norm": float(grad.norm()), "space_tensors": len(named)}
+              "examples": op.count, "loss": loss, "grad_norm": float(grad.norm()), "space_tensors": len(named),
+              **space}
     result.update(spectrum(op, **{k: s[k] for k in ("top_k", "trace", "density", "seed", "max_iter", "tol",
                                                    "trace_method", "trace_samples", "density_steps",
                                                    "density_runs", "sigma", "progress")}))
@@ -207,7 +218,13 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--density", action="store_true")
-    p.add_argument("--space", default="trainable", choices=("trainable", "all"))
+    p.add_argument("--space", default="trainable", choices=spaces.SPACES,
+                   help="trainable: the method's trained scalars; effective: W0+ΔW of the compared matrices; all")
+    p.add_argument("--parametrization", default="trained", choices=spaces.PARAMETRIZATIONS,
+                   help="trained: B with the scale in the forward (as trained); folded: the stored B' = s·B")
+    p.add_argument("--matrices", nargs="+", default=None, metavar="T",
+                   help="--space effective: the compared matrices (names, suffixes, regexes or all-linear; "
+                        "default: the adapted ones, or the architecture's default targets)")
     p.add_argument("--examples", type=examples_arg, default=256)
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--batch-size", type=int, default=32)
@@ -226,16 +243,18 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     r = run(a.ckpt, cache_graph=a.cache_graph, top_k=a.top_k, trace=a.trace, density=a.density, space=a.space,
-            examples=a.examples,
+            parametrization=a.parametrization, matrices=a.matrices, examples=a.examples,
             split=a.split, batch_size=a.batch_size, seed=a.seed, max_iter=a.max_iter, tol=a.tol,
             trace_method=a.trace_method, trace_samples=a.trace_samples, density_steps=a.density_steps,
             density_runs=a.density_runs, sigma=a.sigma, out=a.out, device=a.device, progress=not a.no_progress)
-    print(f"{r['parameters']} parameters, {r['examples']} {a.split} examples, loss {r['loss']:.6g}, "
-          f"‖∇L‖ {r['grad_norm']:.4g}")
+    print(f"{r['parameters']} parameters ({r['space']} space, {r['parametrization']['name']}), {r['examples']} "
+          f"{a.split} examples, loss {r['loss']:.6g}, ‖∇L‖ {r['grad_norm']:.4g}")
     if "eigenvalues" in r:
         print("| k | eigenvalue | residual |\n|---|---|---|")
         for k, (e, res) in enumerate(zip(r["eigenvalues"], r["eigenvalue_residuals"]), 1):
             print(f"| {k} | {e:.6g} | {res:.2g} |")
+        for w in r.get("warnings", []):
+            print(f"warning: {w}")
     if "trace" in r:
         print(f"trace {r['trace']:.6g} ± {r['trace_stderr']:.3g} ({r['trace_estimator']['method']})")
     print(f"wrote {Path(a.out or a.ckpt) / 'hessian.json'}")

@@ -46,12 +46,16 @@ def lanczos(matvec, start, steps, *, on_step=None, progress=False, desc="lanczos
     """
     n = start.numel()
     steps = min(steps, n)
-    Q = torch.zeros(steps, n, dtype=start.dtype, device=start.device)
+    # The basis grows by doubling, so memory follows the steps actually taken, not `steps`: a run that
+    # converges early over millions of parameters (full fine-tuning) never holds max_iter vectors.
+    Q = torch.zeros(min(steps, 8), n, dtype=start.dtype, device=start.device)
     q = start / start.norm()
     alphas, betas = [], []
     gen = _gen(12345)  # only used on breakdown; fixed so runs are reproducible
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     for j in range(steps):
+        if j == len(Q):
+            Q = torch.cat([Q, torch.zeros(min(len(Q), steps - len(Q)), n, dtype=Q.dtype, device=Q.device)])
         Q[j] = q
         w = matvec(q).to(q.dtype)
         alpha = float(torch.dot(w, q))

@@ -1,17 +1,22 @@
 """Loss landscapes around a fine-tuned checkpoint (THEORY.md section 5, Li et al. 2018).
 
     python -m analysis.landscape CKPT [--dims 1|2] [--directions random|pca|to:CKPT2]
-        [--space trainable|all] [--grid 21] [--range 1.0] [--split train|test] [--examples 256]
-        [--seed S] [--out DIR]
+        [--space trainable|effective|all] [--parametrization trained|folded] [--matrices T ...]
+        [--grid 21] [--range 1.0] [--split train|test] [--examples 256] [--seed S] [--out DIR]
 
 f(α, β) = L(θ* + α δ + β η), L the mean per-example cross-entropy over the chosen examples,
-evaluated in eval mode under no_grad. Parameters are perturbed in place and restored bit for bit
+evaluated in eval mode under no_grad. The space and its parametrisation are analysis.spaces': the
+method's trained scalars as it trained them (default), or `--space effective`, W0 + ΔW of the compared
+matrices, where random directions are filter-normalised against the rows of W0, so every method of one
+base model is perturbed along the very same directions. The segment `to:CKPT2` interpolates the merged
+weights of the two checkpoints, θ(α) = (1 − α) θ_1 + α θ_2 over every tensor: α = 1 is CKPT2 itself even
+when its frozen selectors or A differ. Parameters are perturbed in place and restored bit for bit
 from one copy of θ* (no model copies per point). Long grids: a tqdm bar, partial results saved
 atomically to DIR/landscape.partial*.json so a rerun with the same settings resumes, and points
 sharded over torchrun processes (point k on rank k % world) then all-gathered.
 
 Outputs in DIR: landscape.json (coords, loss/accuracy grids [i][j], center_loss, directions with
-seeds and normalisation, settings, sharpness summaries), landscape_contour (2D, trajectory overlay
+seeds and normalisation, settings, the space and its parametrisation, sharpness summaries), landscape_contour (2D, trajectory overlay
 for PCA directions), landscape_surface (3D), landscape_1d (train and test curves).
 """
 import json
@@ -30,24 +35,16 @@ from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
 from adapters.evaluate import examples_arg, logits_of
 from adapters.io import write_json
 from analysis import directions as dirs
+from analysis import spaces
+from analysis.spaces import space_parameters  # noqa: F401  (the plain-model spaces, re-exported for callers)
 
-DEFAULTS = dict(dims=2, directions="random", space="trainable", grid=21, range=1.0, split="train",
+DEFAULTS = dict(dims=2, directions="random", space="trainable", parametrization="trained", matrices=None, grid=21, range=1.0, split="train",
                 examples=256, batch_size=32, seed=0, include_1d=False, out=None, fresh=False,
                 device=None, save_every=10, progress=True, formats=("png", "pdf"))
 SPLITS = ("train", "test")
 
 
 # ---- the loss oracle: (model, dict batches, the parameters to perturb) -------------------------
-
-def space_parameters(model, space):
-    """[(name, parameter)] of the perturbed space: the trained scalars, or every parameter."""
-    if space not in ("trainable", "all"):
-        raise AdapterError(f"--space must be trainable or all, got {space!r}")
-    named = [(n, p) for n, p in model.named_parameters() if space == "all" or p.requires_grad]
-    if not named:
-        raise AdapterError("the model has no trainable parameters; use --space all")
-    return named
-
 
 def forward_logits(model, batch):
     """Logits of a dict batch; labels are left out so the model computes no loss of its own."""
@@ -156,9 +153,10 @@ def _key(split, index):
     return f"{split}:{','.join(map(str, index))}"
 
 
-def _load_partials(out_dir, fingerprint):
-    """Points already evaluated with exactly these settings, from every partial file in out_dir."""
-    done = {}
+def _load_partials(out_dir, fingerprint, own):
+    """(every point already evaluated with exactly these settings, from every partial file in out_dir;
+    the points of the file `own` alone)."""
+    done, mine = {}, {}
     for f in sorted(Path(out_dir).glob("landscape.partial*.json")):
         try:
             saved = json.loads(f.read_text())
@@ -169,8 +167,11 @@ def _load_partials(out_dir, fingerprint):
                           if fingerprint.get(k) != saved.get("fingerprint", {}).get(k))
             raise AdapterError(f"{f} holds a partial grid made with other settings ({', '.join(diff)}); "
                                "rerun with --fresh to discard it, or use another --out")
-        done.update({k: tuple(v) for k, v in saved["points"].items()})
-    return done
+        points = {k: tuple(v) for k, v in saved["points"].items()}
+        done.update(points)
+        if f == own:
+            mine = points
+    return done, mine
 
 
 def landscape_grid(model, params, directions, batches_by_split, coords, *, out_dir=None,
@@ -195,12 +196,21 @@ def landscape_grid(model, params, directions, batches_by_split, coords, *, out_d
                 f.unlink()
         if dist is not None:
             dist.barrier()
-    done = _load_partials(out_dir, fingerprint) if out_dir is not None and Path(out_dir).exists() else {}
+    # Every rank reads every partial (to skip what any earlier run evaluated) but writes back only its own file's
+    # points and those it evaluates itself; the barrier makes all ranks read before any rank writes, so no rank
+    # picks up (and re-saves as its own) a file another rank is in the middle of filling.
+    done, kept = {}, {}
+    if out_dir is not None and Path(out_dir).exists():
+        done, kept = _load_partials(out_dir, fingerprint, partial)
+    if dist is not None and out_dir is not None:
+        dist.barrier()
     mine = [t for k, t in enumerate(tasks) if k % world == rank and _key(*t) not in done]
+    evaluated = {}
 
     def save():
         if partial is not None:
-            write_json(partial, {"fingerprint": fingerprint, "points": {k: list(v) for k, v in done.items()}})
+            points = {**kept, **evaluated}
+            write_json(partial, {"fingerprint": fingerprint, "points": {k: list(v) for k, v in points.items()}})
 
     pert = Perturbation(params, directions)
     last_save, unsaved = time.monotonic(), 0
@@ -209,7 +219,7 @@ def landscape_grid(model, params, directions, batches_by_split, coords, *, out_d
                                     else "landscape", disable=not progress or rank != 0) as bar:
             for split, idx in mine:
                 pert.set([c[i] for c, i in zip(coords, idx)])
-                done[_key(split, idx)] = _evaluate(model, batches_by_split[split])  # eval mode set above
+                evaluated[_key(split, idx)] = _evaluate(model, batches_by_split[split])  # eval mode set above
                 bar.update(1)
                 unsaved += 1
                 if unsaved >= save_every or time.monotonic() - last_save > 60:
@@ -219,11 +229,12 @@ def landscape_grid(model, params, directions, batches_by_split, coords, *, out_d
         pert.restore()
         if unsaved:
             save()
-    if dist is not None:
+    gathered = [evaluated]
+    if dist is not None:  # every rank read the same files; what is new is what each one evaluated
         gathered = [None] * world
-        dist.all_gather_object(gathered, done)
-        for part in gathered:
-            done.update(part)
+        dist.all_gather_object(gathered, evaluated)
+    for part in gathered:
+        done.update(part)
     result = {}
     for split in batches_by_split:
         loss, acc = np.empty(shape), np.empty(shape)
@@ -359,6 +370,12 @@ def _settings(settings):
         raise AdapterError(f"--directions must be random, pca or to:CKPT2, got {d!r}")
     if d.startswith("to:") and s["dims"] != 1:
         raise AdapterError("--directions to:CKPT2 is the 1-D segment between two checkpoints; use --dims 1")
+    if s["space"] not in spaces.SPACES or s["parametrization"] not in spaces.PARAMETRIZATIONS:
+        raise AdapterError(f"--space must be one of {', '.join(spaces.SPACES)} and --parametrization one of "
+                           f"{', '.join(spaces.PARAMETRIZATIONS)}, got {s['space']!r}, {s['parametrization']!r}")
+    if d == "pca" and s["space"] == "effective":
+        raise AdapterError("--directions pca needs --space trainable or all: the trajectory snapshots hold the "
+                           "trained tensors, not W0 + ΔW")
     return s
 
 
@@ -367,9 +384,11 @@ def trajectory_files(ckpt):
     return sorted(files, key=lambda f: int(f.stem.split("_")[1]))
 
 
-def load_trajectory(ckpt, named):
+def load_trajectory(ckpt, named, unfold=None):
     """Flat snapshots θ_e over the perturbed space, in step order; frozen parameters (not in the
-    snapshots, never trained) keep their checkpoint values."""
+    snapshots, never trained) keep their checkpoint values. Snapshots store B' = s·B as the checkpoint
+    does; `unfold` = {parameter name: s} divides those by s, for the parametrisation as trained."""
+    unfold = unfold or {}
     from safetensors.torch import load_file
     files = trajectory_files(ckpt)
     if not files:
@@ -384,7 +403,7 @@ def load_trajectory(ckpt, named):
                 if snap[name].shape != p.shape:
                     raise CheckpointError(f"{f}: {name} has shape {tuple(snap[name].shape)}, "
                                           f"the model has {tuple(p.shape)}")
-                parts.append(snap[name].reshape(-1).float())
+                parts.append(snap[name].reshape(-1).float() / unfold.get(name, 1.0))
             elif p.requires_grad:
                 raise CheckpointError(f"{f} lacks the trained parameter {name}")
             else:
@@ -394,29 +413,44 @@ def load_trajectory(ckpt, named):
     return steps, flats
 
 
-def _segment_direction(ckpt, target, named):
+def _segment(ckpt, target, model):
+    """(named parameters, direction θ_2 − θ_1) for the segment to checkpoint `target`, over merged weights.
+
+    Interpolating only the trained tensors would keep CKPT's frozen selectors (or A) all along, so α = 1
+    would not be CKPT2 for two rcla/asym runs. Both models are merged (each adapted layer becomes W0 + ΔW,
+    analysis.spaces.merge), which gives them one layout whatever the methods, and every tensor that differs
+    is interpolated; the rest is identical at every α and is left out.
+    """
     import adapters
     meta1, meta2 = adapters.read_meta(ckpt), adapters.read_meta(target)
     h1, h2 = meta1.get("base_model_hash"), meta2.get("base_model_hash")
     if meta1.get("base_model") != meta2.get("base_model") or (h1 and h2 and h1 != h2):
         raise CheckpointError(f"to:{target} was fine-tuned from another base model "
                               f"({meta2.get('base_model')} {str(h2)[:12]} vs {meta1.get('base_model')} {str(h1)[:12]})")
-    other = dict(adapters.load(target).named_parameters())
-    d = []
-    for name, p in named:
-        q = other.get(name)
-        if q is None or q.shape != p.shape:
-            raise CheckpointError(f"to:{target} has no parameter {name} of shape {tuple(p.shape)}: "
-                                  "the segment needs the same parameter layout (same method and targets)")
-        d.append((q.detach().float().to(p.device) - p.detach().float()))
-    return d
+    other = adapters.load(target)
+    spaces.merge(model)
+    spaces.merge(other)
+    theirs, mine = dict(other.named_parameters()), dict(model.named_parameters())
+    if set(theirs) != set(mine):
+        extra = sorted(set(theirs) ^ set(mine))
+        raise CheckpointError(f"to:{target} has another parameter layout than {ckpt} (e.g. {extra[0]})")
+    named, d = [], []
+    for name, p in mine.items():
+        q = theirs[name]
+        if q.shape != p.shape:
+            raise CheckpointError(f"to:{target}: {name} has shape {tuple(q.shape)}, {ckpt} has {tuple(p.shape)}")
+        diff = q.detach().float() - p.detach().float()
+        if torch.count_nonzero(diff):
+            named.append((name, p))
+            d.append(diff)
+    return named, d
 
 
 def run(ckpt, **settings):
     """Compute the landscape of checkpoint `ckpt`; write DIR/landscape.json and figures; return the dict.
 
-    Settings (defaults in DEFAULTS): dims, directions ("random" | "pca" | "to:CKPT2"), space, grid,
-    range, split, examples (None = all), batch_size, seed, include_1d, out (default: ckpt), fresh,
+    Settings (defaults in DEFAULTS): dims, directions ("random" | "pca" | "to:CKPT2"), space,
+    parametrization, matrices (compared matrices of the effective space), grid, range, split, examples (None = all), batch_size, seed, include_1d, out (default: ckpt), fresh,
     device, save_every, progress, formats.
     """
     s = _settings(settings)
@@ -436,19 +470,34 @@ def run(ckpt, **settings):
         _, rank, world = _dist_info()
         device = torch.device(s["device"] or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                                               if torch.cuda.is_available() else "cpu"))
-        model = adapters.load(ckpt).to(device).eval()
-        named = space_parameters(model, s["space"])
+        model = adapters.load(ckpt).eval()
+        kind = s["directions"]
+        if kind.startswith("to:"):
+            named, D = _segment(ckpt, kind[3:], model)
+            space = {"space": "all", "matrices": None, "parametrization": {
+                "name": "merged", "scale": None, "definition": "every weight with the updates merged (W0 + ΔW), "
+                "interpolated tensor by tensor between the two checkpoints; tensors equal in both are left out"}}
+            s = {**s, "space": "all", "parametrization": "merged"}  # what the segment moves, whatever was asked
+        else:
+            named, space = spaces.prepare(model, meta, s["space"], s["parametrization"], s["matrices"])
+        model.to(device)
         weights = [p for _, p in named]
 
-        kind = s["directions"]
         trajectory = None
         if kind == "random":
             seeds = [s["seed"] + k for k in range(s["dims"])]
-            D = [dirs.random_direction(weights, sd, s["include_1d"]) for sd in seeds]
-            info = [{"kind": "random", "seed": sd, "distribution": "gaussian N(0,1)",
-                     "normalisation": "filter", "include_1d": s["include_1d"]} for sd in seeds]
+            # Effective space: filters normalised against W0's rows, so every method of one base model is
+            # perturbed along the same directions; elsewhere against θ*'s own rows (Li et al.).
+            reference = spaces.base_reference(ckpt, space["matrices"]) if s["space"] == "effective" else weights
+            D = [[t.to(device) for t in dirs.random_direction(reference, sd, s["include_1d"])] for sd in seeds]
+            info = [{"kind": "random", "seed": sd, "distribution": "gaussian N(0,1)", "normalisation": "filter",
+                     "filter_reference": "W0" if s["space"] == "effective" else "θ*", "include_1d": s["include_1d"]}
+                    for sd in seeds]
         elif kind == "pca":
-            steps, snaps = load_trajectory(ckpt, named)
+            scale = space["parametrization"]["scale"] if space["parametrization"]["name"] == "trained" else None
+            from adapters.inject import adapted_layers
+            unfold = {f"{n}.B": scale for n in adapted_layers(model)} if scale else {}
+            steps, snaps = load_trajectory(ckpt, named, unfold)
             center = dirs.flatten([w.detach().cpu() for w in weights])
             flat, pinfo = dirs.pca_directions(snaps, center, s["dims"])
             D = [[t.to(device) for t in dirs.unflatten(f, [w.detach() for w in weights])] for f in flat]
@@ -459,9 +508,8 @@ def run(ckpt, **settings):
             xy, resid = dirs.project(snaps, center, flat)
             trajectory = {"steps": steps, "coords": xy.tolist(), "relative_residual": resid}
         else:
-            target = kind[3:]
-            D = [_segment_direction(ckpt, target, named)]
-            info = [{"kind": "segment", "to": target, "normalisation": "none (α = 1 is CKPT2)"}]
+            D = [[t.to(device) for t in D]]
+            info = [{"kind": "segment", "to": kind[3:], "normalisation": "none (α = 1 is CKPT2)"}]
         for d, i in zip(D, info):
             i["norm"] = float(dirs.flatten(d).norm())
         if len(D) == 2:
@@ -482,7 +530,7 @@ def run(ckpt, **settings):
         c = (s["grid"] - 1) // 2
         result = {
             "checkpoint": ckpt, "method": meta.get("method"), "title": _title(meta, s["space"]),
-            "settings": recorded, "space_parameters": sum(w.numel() for w in weights),
+            "settings": recorded, **space, "space_parameters": sum(w.numel() for w in weights),
             "space_tensors": len(weights),
             "examples": {sp: sum(len(b["labels"]) for b in batches[sp]) for sp in splits},
             "coords": coords, "loss": main_grid["loss"].tolist(), "accuracy": main_grid["accuracy"].tolist(),
@@ -515,7 +563,14 @@ def main(argv=None):
     p.add_argument("ckpt")
     p.add_argument("--dims", type=int, default=2, choices=(1, 2))
     p.add_argument("--directions", default="random", help="random | pca | to:CKPT2 (1-D segment)")
-    p.add_argument("--space", default="trainable", choices=("trainable", "all"))
+    p.add_argument("--space", default="trainable", choices=spaces.SPACES,
+                   help="trainable: the method's trained scalars; effective: W0+ΔW of the compared matrices; all "
+                        "(the segment to:CKPT2 always moves every merged weight)")
+    p.add_argument("--parametrization", default="trained", choices=spaces.PARAMETRIZATIONS,
+                   help="trained: B with the scale in the forward (as trained); folded: the stored B' = s·B")
+    p.add_argument("--matrices", nargs="+", default=None, metavar="T",
+                   help="--space effective: the compared matrices (names, suffixes, regexes or all-linear; "
+                        "default: the adapted ones, or the architecture's default targets)")
     p.add_argument("--grid", type=int, default=21, help="points per axis (odd, so the centre is on the grid)")
     p.add_argument("--range", type=float, default=1.0, help="the grid covers [-range, range] per axis")
     p.add_argument("--split", default="train", choices=SPLITS)
@@ -528,13 +583,15 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    r = run(a.ckpt, dims=a.dims, directions=a.directions, space=a.space, grid=a.grid, range=a.range,
+    r = run(a.ckpt, dims=a.dims, directions=a.directions, space=a.space, parametrization=a.parametrization,
+            matrices=a.matrices, grid=a.grid, range=a.range,
             split=a.split, examples=a.examples, batch_size=a.batch_size, seed=a.seed, include_1d=a.include_1d,
             out=a.out, fresh=a.fresh, device=a.device, progress=not a.no_progress)
     if r.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         sh = r["sharpness"]
         print(f"center loss {r['center_loss']:.6g} (accuracy {r['center_accuracy']:.4f}) on "
-              f"{r['examples'][a.split]} {a.split} examples, {r['space_parameters']} parameters")
+              f"{r['examples'][a.split]} {a.split} examples, {r['space_parameters']} parameters "
+              f"({r['space']} space, {r['parametrization']['name']})")
         print("| radius | mean rise | max rise |\n|---|---|---|")
         for x in sh["loss_rise"]:
             print(f"| {x['radius']:.3g} | {x['mean_rise']:.4g} | {x['max_rise']:.4g} |")

@@ -125,17 +125,28 @@ def analyse_checkpoint(path, *, k=10, eps=0.5, side="left", layers=None, cache_d
         V0, S0, hit = base_svd(W0, base_hash, name, side, cache_dir)
         hits += hit
         records.append(analyse_matrix(name, W0, dW, k=k, eps=eps, side=side, base=(V0, S0)))
-    total = sum(r["intruders"] for r in records)
-    return {
-        "path": str(path), "method": method, "base_model_hash": base_hash,
-        "num_matrices": len(records),
-        "total_intruders": total, "mean_intruders": total / len(records),
-        # the paper's curve: average count per adapted matrix at each ε of the grid
-        "sweep_total": [sum(r["sweep"][i] for r in records) for i in range(len(EPS_GRID))],
-        "sweep_mean": [sum(r["sweep"][i] for r in records) / len(records) for i in range(len(EPS_GRID))],
-        "base_svd_cache_hits": hits,
-        "layers": records,
-    }
+    return {"path": str(path), "method": method, "base_model_hash": base_hash, **summarise(records),
+            "base_svd_cache_hits": hits, "layers": records}
+
+
+def matrix_type(name):
+    """'bert.encoder.layer.3.attention.self.query' → 'attention.self.query': the matrix without its layer."""
+    return _layer_module(name)[1]
+
+
+def summarise(records):
+    """Totals over matrix records: counts at ε, the paper's ε-curve (average count per matrix at each ε of
+    the grid), and the same per matrix type (query, value, ...). The one place these averages are taken:
+    analyse_checkpoint over its matrices, the report over the matrices it compares across methods."""
+    def over(rs):
+        total = sum(r["intruders"] for r in rs)
+        return {"num_matrices": len(rs), "total_intruders": total, "mean_intruders": total / len(rs),
+                "sweep_total": [sum(r["sweep"][i] for r in rs) for i in range(len(EPS_GRID))],
+                "sweep_mean": [sum(r["sweep"][i] for r in rs) / len(rs) for i in range(len(EPS_GRID))]}
+    types = {}
+    for r in records:
+        types.setdefault(matrix_type(r["name"]), []).append(r)
+    return {**over(records), "by_type": {t: over(rs) for t, rs in types.items()}}
 
 
 def _settings(k, eps, sweep_figure, side, layers, formats, spectrum_layer, cache_dir):

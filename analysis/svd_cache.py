@@ -1,13 +1,15 @@
 """On-disk cache of the base model's SVDs.
 
 Every checkpoint of one base model shares W0, so its SVD (the expensive half of the intruder
-analysis) is computed once and reused across checkpoints and runs. An entry is keyed by
-(base weights' hash, module name, vectors side) and holds the singular vectors of that side
-(as columns) and all singular values, in float64.
+analysis) is computed once and reused across checkpoints and runs. An entry is keyed by the
+content of the matrix itself (sha256 of its dtype, shape and bytes) and the vectors side, and holds
+the singular vectors of that side (as columns) and all singular values, in float64. A key by (base
+hash, module name) alone would hand a different W0 of the same shape and norm the SVD of another
+matrix; the base hash and the name are kept in the entry's metadata, for people reading the cache.
 
 Entries are written to a temp file and renamed, so a concurrent reader or a killed run never
-sees half an entry. On load an entry is checked against the W0 it is asked for: same shape and
-Σ σ_i² = ‖W0‖_F² (the SVD preserves the Frobenius norm); an entry that fails is recomputed.
+sees half an entry. On load an entry is also checked against the W0 it is asked for: same shape and
+Σ σ_i² = ‖W0‖_F² (the SVD preserves the Frobenius norm); an entry that fails (a corrupt file) is recomputed.
 """
 import hashlib
 import os
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 SIDES = ("left", "right")
-FORMAT = "svd-v1"  # bump when the entry layout or the SVD's dtype changes
+FORMAT = "svd-v2"  # bump when the entry layout or the SVD's dtype changes
 
 
 def default_dir():
@@ -39,9 +41,17 @@ def svd(W, side="left"):
     return (U if side == "left" else Vh.T).contiguous(), S
 
 
-def entry_path(base_hash, name, side, cache_dir=None):
-    """File of one entry; the key is hashed so that any module name makes a safe file name."""
-    key = hashlib.sha256(f"{FORMAT}\0{base_hash}\0{name}\0{side}".encode()).hexdigest()[:32]
+def content_hash(W):
+    """sha256 of a matrix's dtype, shape and bytes: equal exactly when the matrices are bit for bit equal."""
+    t = W.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def entry_path(W0, side, cache_dir=None):
+    """File of the entry for matrix W0's `side` vectors."""
+    key = hashlib.sha256(f"{FORMAT}\0{content_hash(W0)}\0{side}".encode()).hexdigest()[:32]
     return Path(cache_dir or default_dir()) / f"{key}.safetensors"
 
 
@@ -59,9 +69,9 @@ def _valid(entry, W0, side):
 def base_svd(W0, base_hash, name, side="left", cache_dir=None):
     """The SVD of W0 (as `svd`), from the cache when a valid entry exists, else computed and stored.
 
-    Returns (vectors, singular_values, hit) where hit says whether the cache was used.
+    base_hash and name only label the entry (its metadata); the key is W0's content. Returns (vectors, singular_values, hit) where hit says whether the cache was used.
     """
-    path = entry_path(base_hash, name, side, cache_dir)
+    path = entry_path(W0, side, cache_dir)
     if path.exists():
         try:
             entry = load_file(path)

@@ -23,8 +23,9 @@ def parse_args(argv):
     g.add_argument("--sigma", type=float, help="sub-Gaussian constant σ of the loss (user-given)")
     g.add_argument("--loss-clip", type=float, metavar="B",
                    help="clip the loss at B: the bound then holds for min(ℓ, B), σ = B/2")
-    g.add_argument("--sigma-from", choices=("max-loss",),
-                   help="σ = (largest per-example loss seen)/2: a heuristic (the default)")
+    g.add_argument("--sigma-from", choices=("max-train-loss", "max-loss"),
+                   help="σ = B/2 with B the largest per-example loss: of the training split (max-train-loss, the "
+                        "default; a heuristic) or of both splits (max-loss: σ then depends on the test data)")
     p.add_argument("--n-examples", type=int,
                    help="|N| (overrides n_train; required when training_stats.json is absent)")
     p.add_argument("--bits", type=float, help="bits q per trained scalar (default: from the checkpoint)")

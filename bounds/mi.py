@@ -37,6 +37,14 @@ def sigma_from_range(loss_max, loss_min=0.0):
     return (loss_max - loss_min) / 2.0
 
 
+def is_vacuous(bound, loss_max, loss_min=0.0):
+    """Whether a bound on G says nothing: a loss in [a, b] has |G| ≤ b − a for any weights, so a bound
+    ≥ b − a is vacuous. None when the loss has no known range (a user-given σ)."""
+    if loss_max is None:
+        return None
+    return bool(bound >= loss_max - loss_min)
+
+
 def formula_parameters(method, rank, chain_length, layers):
     """Adapter scalars by METHODS.md "Trainable-parameter counts"; layers = [(m_i, n_i)] (in, out).
 

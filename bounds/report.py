@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, CheckpointError
-from bounds.mi import formula_parameters, mi_bound, sigma_from_range
+from bounds.mi import formula_parameters, is_vacuous, mi_bound, sigma_from_range
 from bounds.spectral_norm import lowrank_spectral_norm, spectral_norm
 from bounds.theorem1 import theorem1
 
@@ -22,30 +22,70 @@ TRANSFORMER_NOTE = ("Theorem 1 treats the adapted linear maps, in forward order,
 
 # -- σ: where the sub-Gaussian constant comes from (THEORY.md §1) ---------------------------------
 
+# Which per-example loss maxima of training_stats.json each --sigma-from reads. The default reads the training
+# split alone: a bound's constant must not be fitted on the test data it is then compared with.
+SIGMA_FROM = {"max-train-loss": ("train_loss_max",), "max-loss": ("train_loss_max", "test_loss_max")}
+
+
 def resolve_sigma(stats, sigma=None, loss_clip=None, sigma_from=None):
-    """(σ, source label, heuristic?) from exactly one of --sigma, --loss-clip B, --sigma-from max-loss."""
+    """σ from exactly one of --sigma, --loss-clip B, --sigma-from (default max-train-loss), as a dict:
+    sigma, source (a label for every output), heuristic, and loss_max = b of the range [0, b] the bound
+    assumes (the clip level, or the largest loss seen; None for a user-given σ)."""
     if sigma is not None:
         if not (sigma > 0 and math.isfinite(sigma)):
             raise AdapterError(f"--sigma must be a finite number > 0, got {sigma}")
-        return sigma, f"--sigma {sigma:g} (user-given)", False
+        return dict(sigma=sigma, source=f"--sigma {sigma:g} (user-given)", heuristic=False, loss_max=None)
     if loss_clip is not None:
-        return (sigma_from_range(loss_clip),
-                f"--loss-clip {loss_clip:g}: σ = B/2, the bound holds for the clipped loss min(ℓ, {loss_clip:g})",
-                False)
-    # Default and --sigma-from max-loss: B = the largest per-example loss seen (a heuristic).
-    seen = {k: stats[k] for k in ("train_loss_max", "test_loss_max") if stats and stats.get(k) is not None}
-    if not seen:
-        raise AdapterError("no per-example loss maximum in training_stats.json (train_loss_max/"
-                           "test_loss_max): pass --sigma S or --loss-clip B")
+        return dict(sigma=sigma_from_range(loss_clip), heuristic=False, loss_max=float(loss_clip),
+                    source=f"--loss-clip {loss_clip:g}: σ = B/2, the bound holds for the clipped loss "
+                           f"min(ℓ, {loss_clip:g})")
+    how = sigma_from or "max-train-loss"
+    if how not in SIGMA_FROM:
+        raise AdapterError(f"--sigma-from must be one of {', '.join(SIGMA_FROM)}, got {how!r}")
+    keys = SIGMA_FROM[how]
+    seen = {k: stats[k] for k in keys if stats and stats.get(k) is not None}
+    if len(seen) < len(keys):
+        raise AdapterError(f"no {' / '.join(keys)} in training_stats.json for --sigma-from {how}: "
+                           "pass --sigma S or --loss-clip B")
     try:
         seen = {k: float(v) for k, v in seen.items()}
     except (TypeError, ValueError):
         raise CheckpointError(f"training_stats.json: loss maxima must be numbers, got {seen}") from None
     key = max(seen, key=seen.get)
-    how = "--sigma-from max-loss" if sigma_from else "default (--sigma-from max-loss)"
-    return (sigma_from_range(float(seen[key])),
-            f"HEURISTIC {how}: σ = B/2 with B = {key} = {seen[key]:.4g}, the largest per-example loss seen",
-            True)
+    flag = f"--sigma-from {how}" if sigma_from else f"default (--sigma-from {how})"
+    where = ("the largest per-example training loss" if how == "max-train-loss"
+             else "the largest per-example loss seen, test split included: σ then depends on the test data")
+    return dict(sigma=sigma_from_range(seen[key]), heuristic=True, loss_max=seen[key],
+                source=f"HEURISTIC {flag}: σ = B/2 with B = {key} = {seen[key]:.4g}, {where}")
+
+
+# -- the empirical gap of the loss the bound is about ------------------------------------------------
+
+def per_example_losses(path):
+    """{split: per-example cross-entropy} of the checkpoint's final weights on its own task (full splits)."""
+    import adapters
+    from adapters.evaluate import checkpoint_batches, evaluate
+    batches = {split: checkpoint_batches(path, split, batch_size=64) for split in ("train", "test")}  # needs a task
+    model = adapters.load(path)
+    return {split: evaluate(model, b)["losses"] for split, b in batches.items()}
+
+
+def clipped_gap(path, stats, b):
+    """(Ĝ_b, how it was obtained): Ĝ_b = mean_test min(ℓ, b) − mean_train min(ℓ, b), the gap of the loss
+    the bound holds for. Without a clip (user-given σ) it is None: Ĝ itself is then the gap in question."""
+    if b is None:
+        return None, "no clip level: σ is user-given, the bound is about Ĝ itself"
+    gap = _gap(stats)
+    maxima = [(stats or {}).get(k) for k in ("train_loss_max", "test_loss_max")]
+    if gap is not None and None not in maxima and max(maxima) <= b:
+        return gap, f"= Ĝ: no per-example loss exceeds b = {b:g} (largest {max(maxima):.4g})"
+    try:
+        losses = per_example_losses(path)
+    except AdapterError as e:  # fabricated or foreign checkpoints: say why there is no value
+        return None, f"not computed (per-example losses need the checkpoint's weights and task: {e})"
+    mean = {k: float(np.minimum(np.asarray(v, dtype=float), b).mean()) for k, v in losses.items()}
+    return mean["test"] - mean["train"], f"per-example losses of the final weights on the checkpoint's task, " \
+                                         f"clipped at b = {b:g}"
 
 
 # -- trained scalars -------------------------------------------------------------------------------
@@ -152,19 +192,23 @@ def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examp
     q = bits if bits is not None else meta_bits
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not (q > 0 and math.isfinite(q)):
         raise AdapterError(f"{path}: bits per trained scalar must be > 0, got {q!r}")
-    s, sigma_source, heuristic = resolve_sigma(stats, sigma, loss_clip, sigma_from)
+    sig = resolve_sigma(stats, sigma, loss_clip, sigma_from)
+    s, b = sig["sigma"], sig["loss_max"]
     P = int(counts["total"])
     extra = P - int(counts["adapter"])  # head + anything else trained: part of P in both counts
     row = dict(
         path=path, method=meta.get("method"), rank=meta.get("rank"), chain_length=meta.get("chain_length", 1),
         n_train=int(n_examples), n_test=(stats or {}).get("n_test"), bits=q, sigma=s,
-        sigma_source=sigma_source, sigma_heuristic=heuristic,
+        sigma_source=sig["source"], sigma_heuristic=sig["heuristic"], loss_range=None if b is None else [0.0, b],
         trained_parameters=P, adapter_parameters=int(counts["adapter"]), head_parameters=int(counts["head"]),
         other_parameters=int(counts.get("other", 0)), formula_adapter_parameters=formula,
         formula_match=match, mi_bound=mi_bound(P, n_examples, s, q),
         mi_bound_formula=mi_bound((formula if meta.get("method") != "fft" else 0) + extra, n_examples, s, q),
         empirical_gap=_gap(stats), train_loss=(stats or {}).get("train_loss"),
-        test_loss=(stats or {}).get("test_loss"), theorem1=None, paper_bound=None, log10_paper_bound=None)
+        test_loss=(stats or {}).get("test_loss"), theorem1=None, paper_bound=None, log10_paper_bound=None,
+        paper_bound_vacuous=None)
+    row["vacuous"] = is_vacuous(row["mi_bound"], b)
+    row["clipped_gap"], row["clipped_gap_source"] = clipped_gap(path, stats, b)
     if theorem1_options is not None:
         t = theorem1_terms(path, **theorem1_options)
         row["theorem1"] = t
@@ -173,6 +217,7 @@ def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examp
             log10 = _log10_sum(t["log10_phi_base"], math.log10(row["mi_bound"]) if row["mi_bound"] > 0 else -math.inf)
             row["log10_paper_bound"] = log10
             row["paper_bound"] = 10.0 ** log10 if log10 < 308 else math.inf
+            row["paper_bound_vacuous"] = is_vacuous(row["paper_bound"], b)
     return row
 
 
@@ -217,7 +262,17 @@ def kendall(rows, key):
              if r.get(key) is not None and r["empirical_gap"] is not None]
     tau = kendall_tau(*zip(*pairs)) if len(pairs) >= 2 else None
     p_value = None if tau is None else float(kendalltau(*zip(*pairs)).pvalue)
-    return dict(tau=tau, p_value=p_value, n=len(pairs))
+    return dict(tau=tau, p_value=p_value, n=len(pairs), distinct=len({x for x, _ in pairs}))
+
+
+def ties_note(name, distinct, n):
+    """Where τ is shown: a diagnostic with fewer distinct values than items ties pairs, which τ-b counts as
+    neither concordant nor discordant. The MI bound depends on P alone (|N|, σ, q shared), so methods with
+    equal trained-scalar counts always tie."""
+    if distinct >= n:
+        return ""
+    why = " (it depends on the trained-scalar count P alone)" if name == "MI bound" else ""
+    return f"{name} takes {distinct} distinct values over {n}{why}; tied pairs count for neither ordering (τ-b)"
 
 
 def compare(rows):
@@ -246,11 +301,18 @@ def _rk(row):
     return ("–", "–") if row["method"] in ("fft", "head") else (fmt(row["rank"]), fmt(row["chain_length"]))
 
 
+VACUOUS = "‡"  # the mark of a vacuous bound in md and LaTeX
+
+
+def _mark(vacuous):
+    return f" {VACUOUS}" if vacuous else ""
+
+
 def _paper(row):
     lg = row.get("log10_paper_bound")
     if lg is None:
         return "–"
-    return fmt(row["paper_bound"]) if lg < 6 else f"10^{lg:.2f}"
+    return (fmt(row["paper_bound"]) if lg < 6 else f"10^{lg:.2f}") + _mark(row.get("paper_bound_vacuous"))
 
 
 def _log10(row, key):
@@ -261,15 +323,16 @@ def _log10(row, key):
 def to_markdown(rows, comparison):
     from analysis.style import label
     head = ["method", "r", "k", "\\|N\\|", "q", "σ", "P adapter", "P head", "P total", "formula (adapter)",
-            "MI bound", "Φ_W0 + √ (paper)", "log10 Φ_ΔW", "log10 Φ_W0", "Ĝ (empirical)"]
+            "MI bound", "Φ_W0 + √ (paper)", "log10 Φ_ΔW", "log10 Φ_W0", "Ĝ (empirical)", "Ĝ clipped at b"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         check = fmt(r["formula_adapter_parameters"]) + (
             "" if r["formula_match"] is None else " ✓" if r["formula_match"] else " ✗ MISMATCH")
         cells = [label(r["method"]), *_rk(r), fmt(r["n_train"]), fmt(r["bits"]),
                  fmt(r["sigma"]) + ("*" if r["sigma_heuristic"] else ""), fmt(r["adapter_parameters"]),
-                 fmt(r["head_parameters"]), fmt(r["trained_parameters"]), check, fmt(r["mi_bound"]),
-                 _paper(r), _log10(r, "delta"), _log10(r, "base"), fmt(r["empirical_gap"])]
+                 fmt(r["head_parameters"]), fmt(r["trained_parameters"]), check,
+                 fmt(r["mi_bound"]) + _mark(r["vacuous"]), _paper(r), _log10(r, "delta"), _log10(r, "base"),
+                 fmt(r["empirical_gap"]), fmt(r["clipped_gap"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += _notes(rows, comparison)
@@ -280,7 +343,7 @@ def _notes(rows, comparison):
     notes = ["MI bound = sqrt(2 q σ² ln2 · P / |N|) with P = all trained scalars (adapter + head + other); "
              "it alone bounds the expected generalization error (W0 does not depend on the data)."]
     for r in rows:
-        notes.append(f"{r['path']}: σ from {r['sigma_source']}.")
+        notes.append(f"{r['path']}: σ from {r['sigma_source']}. Clipped gap: {r['clipped_gap_source']}.")
         t = r.get("theorem1")
         if t and t.get("layers"):
             notes.append(f"{r['path']}: Theorem 1 ({t['convention']}) over {t['layers']} adapted matrices, "
@@ -298,11 +361,16 @@ def _notes(rows, comparison):
         notes.append(TRANSFORMER_NOTE + ".")
     if any(r["sigma_heuristic"] for r in rows):
         notes.append("* σ from the largest per-example loss seen: a heuristic, not a guarantee.")
+    if any(r["vacuous"] or r["paper_bound_vacuous"] for r in rows):
+        notes.append(f"{VACUOUS} vacuous: the bound is ≥ b, and a loss in [0, b] has |G| ≤ b for any weights, so it "
+                     "says nothing. The bounds hold for the loss in [0, b]; Ĝ clipped at b is the gap they are about.")
     if comparison:
         for key, name in (("mi_bound", "MI bound"), ("paper_bound", "paper's form Φ_W0 + √")):
             c = comparison[key]
+            ties = ties_note(name, c["distinct"], c["n"])
             notes.append(f"Kendall τ ({name} vs empirical gap Ĝ, n = {c['n']}): "
-                         + ("n/a" if c["tau"] is None else f"{c['tau']:.3f} (p = {c['p_value']:.3g})"))
+                         + ("n/a" if c["tau"] is None else f"{c['tau']:.3f} (p = {c['p_value']:.3g})")
+                         + (f"; {ties}" if ties else ""))
     return [f"- {n}" for n in notes]
 
 
@@ -330,24 +398,29 @@ def to_latex(rows, comparison):
                 paper = rf"$10^{{{paper[3:]}}}$"
             cells = [_tex(label(r["method"])), *_rk(r),
                      fmt(r["trained_parameters"]).replace(",", "{,}"), fmt(r["n_train"]).replace(",", "{,}"),
-                     fmt(r["mi_bound"]), paper, fmt(r["empirical_gap"])]
+                     fmt(r["mi_bound"]) + _mark(r["vacuous"]), paper, fmt(r["empirical_gap"])]
             out.append(" & ".join(_tex_cell(c) for c in cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     sig = "; ".join(sorted({_tex(r["sigma_source"]) for r in rows}))
     caption = (r"Generalization bounds: MI bound $\sqrt{2q\sigma^2\ln 2\,P/|N|}$ over all $P$ trained scalars, "
                rf"the paper's form $\Phi_{{W_0}}+\sqrt{{\cdot}}$, and the empirical gap $\hat G$. $\sigma$: {sig}.")
+    if any(r["vacuous"] or r["paper_bound_vacuous"] for r in rows):
+        caption += (r" $^\ddagger$vacuous: $\geq b$, while a loss in $[0, b]$ has $|G| \leq b$ for any weights.")
     if comparison:
-        tau = comparison["mi_bound"]["tau"]
+        c = comparison["mi_bound"]
         caption += (r" Kendall $\tau$ (MI bound vs $\hat G$) "
-                    + (r"undefined (constant column)." if tau is None else rf"$= {tau:.2f}$."))
+                    + (r"undefined (constant column)." if c["tau"] is None else rf"$= {c['tau']:.2f}$."))
+        ties = ties_note("MI bound", c["distinct"], c["n"])
+        caption += f" {_tex(ties.replace('τ-b', 'tau-b'))}." if ties else ""
     out += [rf"\caption{{{caption}}}", r"\label{tab:bounds}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
 
 def _tex_cell(c):
-    """A table cell: "–" (missing) as an en dash, a minus sign in math mode."""
+    """A table cell: "–" (missing) as an en dash, a minus sign in math mode, the vacuous mark as a superscript."""
     if c == "–":
         return "--"
+    c = c.replace(f" {VACUOUS}", r"$^\ddagger$")
     return "$-$" + c[1:] if c.startswith("-") else c
 
 

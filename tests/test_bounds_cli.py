@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,12 +102,18 @@ def test_sigma_sources(tmp_path, capsys):
     ckpt = fabricate(tmp_path / "c", "cla")
     [row] = run_json(capsys, ckpt, "--loss-clip", "4", "--no-theorem1")
     assert row["sigma"] == 2.0 and not row["sigma_heuristic"] and "clipped" in row["sigma_source"]
-    for argv in ([], ["--sigma-from", "max-loss"]):
+    for argv in ([], ["--sigma-from", "max-train-loss"]):
         [row] = run_json(capsys, ckpt, "--no-theorem1", *argv)
-        # B = the largest per-example loss seen = max(3.0, 5.0); σ = B/2.
-        assert row["sigma"] == 2.5 and row["sigma_heuristic"] and "HEURISTIC" in row["sigma_source"]
+        # The default reads the training split only: B = train_loss_max = 3.0 (the test split's 5.0 is not
+        # looked at), σ = B/2.
+        assert row["sigma"] == 1.5 and row["sigma_heuristic"] and "HEURISTIC" in row["sigma_source"]
+        assert row["loss_range"] == [0.0, 3.0] and "max-train-loss" in row["sigma_source"]
+    [row] = run_json(capsys, ckpt, "--no-theorem1", "--sigma-from", "max-loss")
+    assert row["sigma"] == 2.5 and "test split included" in row["sigma_source"]  # an explicit choice, labelled
     assert main([ckpt, "--no-theorem1"]) == 0
     assert "heuristic" in capsys.readouterr().out
+    no_train_max = fabricate(tmp_path / "t", "cla", stats=dict(n_train=10, test_loss_max=5.0))
+    assert "train_loss_max" in run_error(capsys, no_train_max, "--no-theorem1")
 
 
 def test_kendall_tau_between_bound_and_gap(tmp_path, capsys):
@@ -334,3 +341,58 @@ def test_plain_peft_lora_directory_theorem1(tmp_path, capsys, tiny_base):
             dense.append(torch.linalg.matrix_norm(dW.double(), ord=2).item())
     got = sorted(x["delta"] for x in row["theorem1"]["norms"])
     assert len(got) == 4 and got == pytest.approx(sorted(dense), rel=1e-5)
+
+
+# -- what the bounds are: vacuous or not, and the gap of the loss they hold for -----------------------
+
+def test_vacuous_bounds_are_marked(tmp_path, capsys):
+    ckpt = fabricate(tmp_path / "lora", "lora")  # P = 314 trained scalars, |N| = 1000
+    [row] = run_json(capsys, ckpt, "--loss-clip", "4", "--no-theorem1")
+    assert row["mi_bound"] == pytest.approx(math.sqrt(2 * 32 * 2.0 ** 2 * LN2 * 314 / 1000))  # 7.5 ≥ b = 4
+    assert row["vacuous"] is True and row["loss_range"] == [0.0, 4.0]
+    [row] = run_json(capsys, ckpt, "--loss-clip", "4", "--no-theorem1", "--n-examples", "10000000")
+    assert row["mi_bound"] < 4 and row["vacuous"] is False
+    [row] = run_json(capsys, ckpt, "--sigma", "2", "--no-theorem1")
+    assert row["vacuous"] is None  # a user-given σ comes with no range: vacuity is unknown, not false
+    assert main([ckpt, "--loss-clip", "4", "--no-theorem1"]) == 0
+    md = capsys.readouterr().out
+    assert "‡" in md.splitlines()[2] and "‡ vacuous" in md
+    assert main([ckpt, "--loss-clip", "4", "--no-theorem1", "--format", "latex"]) == 0
+    assert r"$^\ddagger$" in capsys.readouterr().out
+    assert bounds.is_vacuous(4.0, 4.0) and not bounds.is_vacuous(3.99, 4.0) and bounds.is_vacuous(1, None) is None
+
+
+def test_clipped_gap_beside_the_unclipped_one(tmp_path, capsys):
+    from adapters.evaluate import checkpoint_batches, evaluate
+    from tests.test_landscape import train_tiny
+    import adapters
+    ckpt = fabricate(tmp_path / "f", "cla")  # train_loss_max 3.0, test_loss_max 5.0, Ĝ = 0.15
+    [row] = run_json(capsys, ckpt, "--loss-clip", "6", "--no-theorem1")
+    assert row["clipped_gap"] == 0.15 and "no per-example loss exceeds" in row["clipped_gap_source"]
+    [row] = run_json(capsys, ckpt, "--loss-clip", "4", "--no-theorem1")  # clipping bites, and no weights here
+    assert row["clipped_gap"] is None and "not computed" in row["clipped_gap_source"]
+    real = train_tiny(tmp_path / "real", snapshots=0)
+    stats = adapters.read_stats(real)
+    losses = {s: np.asarray(evaluate(adapters.load(real), checkpoint_batches(real, s))["losses"])
+              for s in ("train", "test")}
+    b = float(np.median(losses["test"]))  # clips about half the test examples
+    [row] = run_json(capsys, str(real), "--loss-clip", str(b), "--no-theorem1")
+    want = np.minimum(losses["test"], b).mean() - np.minimum(losses["train"], b).mean()
+    assert row["clipped_gap"] == pytest.approx(want, rel=1e-6) and abs(row["clipped_gap"]) <= b
+    assert row["clipped_gap"] != pytest.approx(row["empirical_gap"], rel=1e-3)
+    assert row["empirical_gap"] == stats["generalization_gap"]
+    assert main([str(real), "--loss-clip", str(b), "--no-theorem1"]) == 0
+    assert "Ĝ clipped at b" in capsys.readouterr().out
+
+
+def test_ties_of_the_mi_bound_are_said_where_tau_is_shown(tmp_path, capsys):
+    # cla, rcla and asym train the same P: the MI bound ties them whatever their gaps.
+    ckpts = [fabricate(tmp_path / f"{m}", m, stats=dict(n_train=100, generalization_gap=g, train_loss_max=2.0))
+             for m, g in zip(["cla", "rcla", "asym", "lora"], [0.1, 0.3, 0.2, 0.4])]
+    rows = run_json(capsys, *ckpts, "--no-theorem1")
+    assert rows[0]["kendall_tau"]["mi_bound"]["distinct"] == 2
+    assert main([*ckpts, "--no-theorem1"]) == 0
+    assert "MI bound takes 2 distinct values over 4 (it depends on the trained-scalar count P alone)" \
+        in capsys.readouterr().out
+    assert main([*ckpts, "--no-theorem1", "--format", "latex"]) == 0
+    assert "2 distinct values over 4" in capsys.readouterr().out

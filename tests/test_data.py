@@ -35,7 +35,7 @@ def test_movie_reviews_counts(reviews):
     # 10,605 snippets: 5,242 score > 0, 5,326 score < 0 and 37 scored exactly 0 (label = score > 0 -> negative).
     assert len(raw) == 10_605
     assert (scores > 0).sum() == 5_242 and (scores < 0).sum() == 5_326 and (scores == 0).sum() == 37
-    everything = reviews.train + reviews.test
+    everything = reviews.train + reviews.val + reviews.test
     assert reviews.name == "movie-reviews" and reviews.labels == ["negative", "positive"]
     assert len(everything) == 10_605
     assert sum(y for _, y in everything) == 5_242
@@ -45,15 +45,16 @@ def test_movie_reviews_counts(reviews):
 
 
 def test_split_is_fixed_80_20_and_nested(reviews):
-    assert (len(reviews.train), len(reviews.test)) == (8_484, 2_121)
+    # 80/20 train/test; validation = the last ceil(10 %) of the 8,484 training examples' order.
+    assert (len(reviews.train), len(reviews.val), len(reviews.test)) == (7_635, 849, 2_121)
     # The split is one permutation from SPLIT_SEED: pin its first example so a change of split is noticed.
     assert reviews.train[0][0].startswith("The script has less spice than a rat burger")
     torch.manual_seed(99), np.random.seed(99)  # the run seed must not matter
-    small = load_task(n_train=100, n_test=50)
-    assert small.train == reviews.train[:100] and small.test == reviews.test[:50]
+    small = load_task(n_train=100, n_val=20, n_test=50)
+    assert small.train == reviews.train[:100] and small.val == reviews.val[:20] and small.test == reviews.test[:50]
     assert load_task(n_train=0).train == []
     # Both classes are well represented in each split (a random split of a near-balanced set).
-    for split in (reviews.train, reviews.test):
+    for split in (reviews.train, reviews.val, reviews.test):
         assert 0.45 < np.mean([y for _, y in split]) < 0.55
 
 
@@ -93,9 +94,9 @@ def test_file_formats_round_trip(tmp_path, ext):
     path = _write(tmp_path / f"mine.{ext}", list(zip(TEXTS, NAMES)), ["text", "label"])
     task = load_task(data=path)
     assert task.name == "mine" and task.labels == ["neg", "neutral", "pos"]  # sorted names -> ids 0, 1, 2
-    assert (len(task.train), len(task.test)) == (16, 4)
+    assert (len(task.train), len(task.val), len(task.test)) == (14, 2, 4)
     expected = sorted((t, task.labels.index(n)) for t, n in zip(TEXTS, NAMES))
-    assert sorted(task.train + task.test) == expected
+    assert sorted(task.train + task.val + task.test) == expected
     # The same fixed permutation as the built-in task: the first n - n//5 of it train, the rest test.
     order = np.random.default_rng(data.SPLIT_SEED).permutation(20)
     assert [t for t, _ in task.test] == [TEXTS[i] for i in order[16:]]
@@ -109,7 +110,7 @@ def test_integer_labels_and_split_column(tmp_path):
     task = load_task(data=path)
     assert task.labels == ["0", "1", "2"]
     assert sorted(task.test) == sorted((TEXTS[i], labels[i]) for i in range(12) if splits[i] == "test")
-    assert sorted(task.train) == sorted((TEXTS[i], labels[i]) for i in range(12) if splits[i] == "train")
+    assert sorted(task.train + task.val) == sorted((TEXTS[i], labels[i]) for i in range(12) if splits[i] == "train")
     js = _write(tmp_path / "d.jsonl", list(zip(TEXTS, labels, splits)), ["text", "label", "split"])
     assert load_task(data=js).train == task.train  # JSON ints and CSV digit strings mean the same
 
@@ -124,7 +125,7 @@ def test_integer_labels_that_are_not_0_to_k_minus_1_map_their_sorted_values_to_i
     path = _write(tmp_path / "d.csv", list(zip(TEXTS, labels)), ["text", "label"])
     task = load_task(data=path)
     assert task.labels == names
-    assert sorted(task.train + task.test) == sorted((t, names.index(str(y))) for t, y in zip(TEXTS, labels))
+    assert sorted(task.train + task.val + task.test) == sorted((t, names.index(str(y))) for t, y in zip(TEXTS, labels))
     js = _write(tmp_path / "d.jsonl", list(zip(TEXTS, labels)), ["text", "label"])
     assert load_task(data=js).train == task.train
 
@@ -152,16 +153,18 @@ def test_data_file_errors(tmp_path):
     assert "the test split is empty" in _error(
         tmp_path, "s.csv", [(t, n, "train") for t, n in pairs], ["text", "label", "split"])
     assert "the test split is empty" in _error(tmp_path, "tiny.csv", pairs[:4], ["text", "label"])  # 4 // 5 = 0
-    assert "split must be train or test, got 'dev'" in _error(
-        tmp_path, "dev.csv", [(t, n, "dev") for t, n in pairs], ["text", "label", "split"])
+    assert "split must be one of train, val, validation, dev, test, got 'holdout'" in _error(
+        tmp_path, "holdout.csv", [(t, n, "holdout") for t, n in pairs], ["text", "label", "split"])
     assert "row 2: empty label" in _error(tmp_path, "e.csv", [("a", "x"), ("b", ""), ("c", "y")], ["text", "label"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": 0}\n{"text": oops}\n')
     with pytest.raises(AdapterError, match="line 2: not JSON"):
         load_task(data=bad)
     ok = _write(tmp_path / "ok.csv", pairs, ["text", "label"])
-    with pytest.raises(AdapterError, match="n_train=17 is out of range: ok has 16 train examples"):
-        load_task(data=ok, n_train=17)
+    with pytest.raises(AdapterError, match="n_train=15 is out of range: ok has 14 train examples"):
+        load_task(data=ok, n_train=15)  # 20 examples: 4 test, 2 validation, 14 train
+    with pytest.raises(AdapterError, match="n_val=3 is out of range: ok has 2 val examples"):
+        load_task(data=ok, n_val=3)
     with pytest.raises(AdapterError, match="n_test=-1 is out of range: ok has 4 test examples"):
         load_task(data=ok, n_test=-1)
     with pytest.raises(AdapterError, match="unknown task 'imdb'"):

@@ -289,19 +289,24 @@ def test_rc3la_update_covers_kr_columns_when_r_does_not_divide_m(seed):
 # -- LoRA+ and LoRA's initialisation ----------------------------------------------------------------
 
 EXPECTED_LR_RATIO = {"lora_plus": 16.0}  # METHODS.md: lr_B = λ·lr_A with λ = 16; every other method: 1
+EXPECTED_HEAD_LR_MULT = {"fft": 10.0, "head": 10.0}  # the paper: the head at 10× lr under fft and head-only
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_param_groups_give_b_its_lr_ratio(method):
+def test_param_groups_give_b_its_lr_ratio_and_the_head_its_multiplier(method):
     model = adapters.apply(tiny("bert"), method, rank=4, alpha=8, chain_length=chain_length(method))
     lr = 1e-3
-    b_params = {id(layer.B) for layer in adapters.inject.adapted_layers(model).values()}
+    kind = {id(layer.B): "B" for layer in adapters.inject.adapted_layers(model).values()}
+    kind.update({id(p): "head" for p in model.classifier.parameters()})
+    expected = {"B": lr * EXPECTED_LR_RATIO.get(method, 1.0), "head": lr * EXPECTED_HEAD_LR_MULT.get(method, 1.0),
+                "rest": lr}
     groups = adapters.param_groups(model, lr)
     for group in groups:
-        is_b = {id(p) in b_params for p in group["params"]}
-        assert len(is_b) == 1  # B factors and everything else are never mixed in one group
-        expected = lr * EXPECTED_LR_RATIO.get(method, 1.0) if is_b.pop() else lr
-        assert group["lr"] == pytest.approx(expected, rel=1e-12)
+        kinds = {kind.get(id(p), "rest") for p in group["params"]}
+        assert len(kinds) == 1  # B factors, the head and everything else are never mixed in one group
+        assert group["lr"] == pytest.approx(expected[kinds.pop()], rel=1e-12)
+    overridden = adapters.param_groups(model, lr, head_lr_mult=3.0)
+    assert any(g["lr"] == pytest.approx(3 * lr) for g in overridden)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups for p in g["params"]) == trainable
 

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from analysis import hessian as hs
 from analysis import lanczos
 from analysis.landscape import forward_logits
-from tests.test_landscape import MLP, _has, train_tiny
+from tests.test_landscape import MLP, _as_fft, _has, train_tiny
 
 
 def sym(n, eigs, seed=0):
@@ -187,8 +187,10 @@ def test_cli_on_a_checkpoint(trained, tmp_path, capsys):
     assert saved["eigenvalues"] == sorted(saved["eigenvalues"], reverse=True) and len(saved["eigenvalues"]) == 3 - 1
     assert {"trace", "trace_stderr", "density", "settings", "lanczos"} <= set(saved)
     assert (out / "hessian_density.png").exists()
-    # Wiring: the same examples, the trained scalars of the checkpoint, eval mode.
+    # Wiring: the same examples, the trained scalars of the checkpoint as trained (scale s back in), eval mode.
+    from analysis import spaces
     model = adapters.load(trained, attn_implementation="eager")
+    spaces.as_trained(model, adapters.read_meta(trained))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     batches = checkpoint_batches(trained, "train", 8, 32, 0)
     assert saved["loss"] == pytest.approx(evaluate(model, batches)["loss"], rel=1e-6)
@@ -216,3 +218,70 @@ def test_missing_checkpoint_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         hs.main([str(tmp_path / "nowhere")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+# ---- the parametrisation and the space ------------------------------------------------------
+
+def _frozen_head_cla(trained, path, c=1.0):
+    """A cLA checkpoint on the tiny BERT of `trained` whose head is frozen, so its trainable space is B alone.
+
+    Saved as our checkpoints are (B' = s·B, PEFT scaling 1); with c ≠ 1 the same update is saved with part of
+    the scale left in the PEFT config instead (lora_alpha = c·r, B'/c in the file): another folding."""
+    import shutil
+    import adapters
+    from adapters import models
+    from safetensors.torch import load_file, save_file
+    meta = adapters.read_meta(trained)
+    first = path.with_name(path.name + "-ours")
+    if not first.exists():
+        model = models.load_model(meta["base_model"], 2, seed=0)
+        h = adapters.weights_hash(model, exclude=[])  # the head is frozen: part of the base
+        adapters.apply(model, "cla", rank=2, alpha=8, head=[])
+        with torch.no_grad():
+            for layer in adapters.inject.adapted_layers(model).values():
+                layer.B.copy_(0.5 * torch.randn(layer.B.shape, generator=torch.Generator().manual_seed(1)))
+        adapters.save(model, first, base_model=meta["base_model"], base_model_hash=h,
+                      extra_meta=dict(task=meta["task"]))
+    if c == 1.0:
+        return first
+    shutil.copytree(first, path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["lora_alpha"] = c * config["r"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k: v / c if ".lora_B." in k else v for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_hessian_is_taken_as_trained_whatever_the_folding(trained, tmp_path):
+    """L(B') = L(s·B), so along the trained B the curvature is s² times that along the stored B' = s·B."""
+    import adapters
+    ours, other = _frozen_head_cla(trained, tmp_path / "a"), _frozen_head_cla(trained, tmp_path / "b", c=2.5)
+    s = adapters.read_meta(ours)["scale"]
+    assert s == 4.0
+    kw = dict(top_k=1, examples=8, tol=1e-7, max_iter=100, progress=False)
+    a = hs.run(ours, out=tmp_path / "ha", **kw)
+    b = hs.run(other, out=tmp_path / "hb", **kw)
+    folded = hs.run(ours, out=tmp_path / "hf", parametrization="folded", **kw)
+    assert a["lanczos"]["converged"] and b["lanczos"]["converged"] and folded["lanczos"]["converged"]
+    assert a["parameters"] == 2 * 2 * 32 * 2  # B alone: 4 adapted matrices of n = 32, r = 2
+    assert a["eigenvalues"][0] == pytest.approx(b["eigenvalues"][0], rel=1e-5)
+    assert a["eigenvalues"][0] == pytest.approx(s ** 2 * folded["eigenvalues"][0], rel=1e-5)
+    assert a["loss"] == pytest.approx(folded["loss"], rel=1e-6)  # the same model, reparametrised
+    saved = json.loads((tmp_path / "ha" / "hessian.json").read_text())
+    assert saved["parametrization"]["name"] == "trained" and saved["parametrization"]["scale"] == s
+    assert json.loads((tmp_path / "hf" / "hessian.json").read_text())["parametrization"]["name"] == "folded"
+
+
+def test_effective_space_is_one_space_for_every_method(trained, tmp_path):
+    """A LoRA run and a full fine-tune with the same weights W0 + ΔW: the same curvature in the effective space,
+    very different spaces (and numbers) when each takes its own trainable scalars."""
+    fft = _as_fft(trained, tmp_path / "fft")
+    kw = dict(top_k=1, examples=8, tol=1e-6, max_iter=100, progress=False)
+    lora, full = (hs.run(c, out=tmp_path / f"h{i}", space="effective", **kw) for i, c in enumerate((trained, fft)))
+    assert lora["matrices"] == full["matrices"] and len(lora["matrices"]) == 4  # query, value of 2 layers
+    assert lora["parameters"] == full["parameters"] == 4 * 32 * 32
+    assert lora["parametrization"]["name"] == "effective" and lora["lanczos"]["converged"]
+    assert lora["eigenvalues"][0] == pytest.approx(full["eigenvalues"][0], rel=1e-4)
+    own = hs.run(fft, out=tmp_path / "own", **kw)
+    assert own["parameters"] > 10 * lora["parameters"]

@@ -238,21 +238,44 @@ def _sharded_worker(rank, world, port, out_dir, result_file):
         dist.destroy_process_group()
 
 
+def _two_processes(out_dir, result_file):
+    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(out_dir), str(result_file)), nprocs=2,
+                       join=True, start_method="spawn")
+    return np.load(result_file)
+
+
+def _rank_points(out_dir):
+    return [set(json.loads((out_dir / f"landscape.partial.rank{r}.json").read_text())["points"]) for r in (0, 1)]
+
+
+def _own_keys(rank, n=25):
+    """The points rank r of 2 evaluates: tasks k with k % 2 == r, in product order over the 5×5 grid."""
+    return {f"train:{k // 5},{k % 5}" for k in range(n) if k % 2 == rank}
+
+
 def test_two_processes_produce_the_same_grid_as_one(tmp_path):
     model, _, _, batches = mlp_and_data()
     weights = list(model.parameters())
     D = [dirs.random_direction(weights, s) for s in (0, 1)]
     coords = [ls.grid_coords(5, 1.0)] * 2
     one = ls.landscape_grid(model, weights, D, {"train": batches}, coords, progress=False)["train"]
-    result_file = str(tmp_path / "two.npy")
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tmp_path / "shards"), result_file), nprocs=2,
-                       join=True, start_method="spawn")
-    two = np.load(result_file)
+    two = _two_processes(tmp_path / "shards", tmp_path / "two.npy")
     np.testing.assert_allclose(two[0], one["loss"], rtol=1e-6)
     np.testing.assert_array_equal(two[1], one["accuracy"])
-    # Each rank evaluated (and saved) only its own half of the 25 points.
-    parts = [json.loads((tmp_path / "shards" / f"landscape.partial.rank{r}.json").read_text()) for r in (0, 1)]
-    assert sorted(len(p["points"]) for p in parts) == [12, 13]
+    # Each rank evaluated and saved exactly its own share of the 25 points, whatever the timing: a rank never
+    # re-saves points it read from the other rank's file.
+    assert _rank_points(tmp_path / "shards") == [_own_keys(0), _own_keys(1)]
+
+
+def test_two_processes_resuming_keep_each_partial_to_its_own_points(tmp_path):
+    shards = tmp_path / "shards"
+    first = _two_processes(shards, tmp_path / "first.npy")
+    # Rank 1's file is gone (say it never saved): on the rerun rank 1 reads rank 0's 12 points to skip them,
+    # and must still write only its own 13.
+    (shards / "landscape.partial.rank1.json").unlink()
+    again = _two_processes(shards, tmp_path / "again.npy")
+    np.testing.assert_array_equal(again, first)
+    assert _rank_points(shards) == [_own_keys(0), _own_keys(1)]
 
 
 def test_transformers_dict_batches_and_model_output(tiny_bert):
@@ -287,6 +310,22 @@ def make_ckpt(root, name="ckpt", seed=0, base=None, base_seed=0):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     adapters.save(model, root / name, base_model=str(base), base_model_hash=h)
     return root / name, base
+
+
+def _as_fft(ckpt, path):
+    """The fine-tuned model of LoRA checkpoint `ckpt`, merged (W0 + ΔW) and saved as a full fine-tuning run."""
+    import adapters
+    from adapters import models
+    from analysis import spaces
+    meta = adapters.read_meta(ckpt)
+    merged = adapters.load(ckpt)
+    spaces.merge(merged)
+    model = models.load_model(meta["base_model"], 2, seed=0)
+    h = adapters.weights_hash(model)
+    adapters.apply(model, "fft")
+    model.load_state_dict(merged.state_dict())
+    adapters.save(model, path, base_model=meta["base_model"], base_model_hash=h, extra_meta=dict(task=meta["task"]))
+    return path
 
 
 def _has(module):
@@ -332,7 +371,7 @@ def train_tiny(root, method="lora", steps=4, snapshots=4, lr=0.05):
     from adapters.train import train
     base = models.tiny_model_dir(root / "base", "bert")
     ckpt = root / f"ckpt_{method}"
-    train(model=str(base), method=method, rank=2, alpha=4, max_steps=steps, n_train=24, n_test=16, batch_size=8,
+    train(model=str(base), method=method, rank=2, alpha=4, max_steps=steps, n_train=24, n_val=8, n_test=16, batch_size=8,
           lr=lr, out=str(ckpt), save_trajectory=snapshots, progress=False)
     return ckpt
 
@@ -381,9 +420,51 @@ def test_segment_to_itself_is_flat_and_to_a_sibling_ends_at_its_loss(trained, tm
     from adapters.train import train
     sibling = tmp_path / "sibling"
     base = adapters.read_meta(trained)["base_model"]
-    train(model=base, method="lora", rank=2, alpha=4, max_steps=2, n_train=24, n_test=16, batch_size=8, lr=0.05,
+    train(model=base, method="lora", rank=2, alpha=4, max_steps=2, n_train=24, n_val=8, n_test=16, batch_size=8, lr=0.05,
           seed=1, out=str(sibling), progress=False)
     r = ls.run(trained, dims=1, directions=f"to:{sibling}", grid=5, examples=None, out=tmp_path / "seg",
                progress=False, formats=("png",))
     want = evaluate(adapters.load(sibling), checkpoint_batches(sibling, "train"))["loss"]
     assert r["loss"][-1] == pytest.approx(want, rel=1e-5)  # α = 1 is the sibling checkpoint
+
+
+def test_segment_between_runs_with_different_frozen_selectors_ends_at_ckpt2(trained, tmp_path):
+    """rcla seeds 0 and 1 select other columns: moving B alone would keep seed 0's selectors all the way."""
+    import adapters
+    from adapters.evaluate import checkpoint_batches, evaluate
+    from adapters.train import train
+    base = adapters.read_meta(trained)["base_model"]
+    runs = []
+    for seed in (0, 1):
+        runs.append(tmp_path / f"rcla{seed}")
+        train(model=base, method="rcla", rank=2, alpha=4, max_steps=2, n_train=24, n_val=8, n_test=16, batch_size=8, lr=0.05,
+              seed=seed, out=str(runs[-1]), progress=False)
+    assert adapters.read_meta(runs[0])["selectors"] != adapters.read_meta(runs[1])["selectors"]
+    r = ls.run(runs[0], dims=1, directions=f"to:{runs[1]}", grid=3, examples=None, out=tmp_path / "seg",
+               progress=False, formats=("png",))
+    loss = {k: evaluate(adapters.load(c), checkpoint_batches(c, "train"))["loss"] for k, c in zip((0, 1), runs)}
+    assert r["loss"][1] == pytest.approx(loss[0], rel=1e-5)
+    assert r["loss"][-1] == pytest.approx(loss[1], rel=1e-5)  # α = 1 is CKPT2 itself
+    assert r["parametrization"]["name"] == "merged" and r["settings"]["space"] == "all"
+
+
+def test_effective_space_landscape_is_the_same_for_every_method_with_the_same_weights(trained, tmp_path):
+    """Along random directions normalised against W0, a LoRA run and a full fine-tune with the same W0 + ΔW
+    give the same curve: one space, one set of directions. In their own trainable spaces they do not."""
+    fft = _as_fft(trained, tmp_path / "fft")
+    kw = dict(dims=1, grid=5, examples=16, progress=False, formats=("png",))
+    a, b = (ls.run(c, space="effective", out=tmp_path / f"e{i}", **kw) for i, c in enumerate((trained, fft)))
+    assert a["matrices"] == b["matrices"] and a["space_parameters"] == b["space_parameters"] == 4 * 32 * 32
+    assert a["directions"][0]["norm"] == pytest.approx(b["directions"][0]["norm"], rel=1e-6)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    assert a["directions"][0]["filter_reference"] == "W0" and a["parametrization"]["name"] == "effective"
+    # Filter-normalised against W0: every row of the direction has its W0 row's norm, so ‖δ‖ = ‖W0‖_F.
+    import adapters
+    base = adapters.load_base(trained)
+    w0 = torch.cat([base.get_submodule(n).weight.detach().reshape(-1) for n in a["matrices"]])
+    assert a["directions"][0]["norm"] == pytest.approx(float(w0.norm()), rel=1e-6)
+    query = ls.run(trained, space="effective", matrices=["query"], out=tmp_path / "q", **kw)
+    assert query["matrices"] == [n for n in a["matrices"] if n.endswith("query")] and len(query["matrices"]) == 2
+    own = [ls.run(c, out=tmp_path / f"t{i}", **kw) for i, c in enumerate((trained, fft))]
+    assert own[0]["space_parameters"] * 10 < own[1]["space_parameters"]
+    assert not np.allclose(own[0]["loss"], own[1]["loss"], rtol=1e-3)

@@ -143,21 +143,34 @@ def test_cache_hit_miss_keys_and_staleness(tmp_path):
     assert not hit and len(list(tmp_path.iterdir())) == 1
     V2, S2, hit = svd_cache.base_svd(W0, "h1", "layer.q", "left", tmp_path)
     assert hit and torch.equal(V, V2) and torch.equal(S, S2)
-    # one entry per (hash, module, side)
-    for key in (("h2", "layer.q", "left"), ("h1", "layer.v", "left"), ("h1", "layer.q", "right")):
-        assert not svd_cache.base_svd(W0, *key, tmp_path)[2]
-    assert len(list(tmp_path.iterdir())) == 4  # no temp files left behind
+    # keyed by the matrix and the side: the same W0 under another label is the same entry, the other side is not
+    assert svd_cache.base_svd(W0, "h2", "layer.v", "left", tmp_path)[2]
+    assert not svd_cache.base_svd(W0, "h1", "layer.q", "right", tmp_path)[2]
+    assert len(list(tmp_path.iterdir())) == 2  # no temp files left behind
     Vr = svd_cache.base_svd(W0, "h1", "layer.q", "right", tmp_path)[0]
     assert Vr.shape == (12, 12) and V.shape == (20, 12)
-    # an entry that does not fit the W0 it is asked for (same key, other weights) is recomputed
     other = W0 * 1.5
     V3, S3, hit = svd_cache.base_svd(other, "h1", "layer.q", "left", tmp_path)
     assert not hit and torch.allclose(S3, 1.5 * S)
     # a corrupt entry is a miss, then rewritten
-    path = svd_cache.entry_path("h1", "layer.q", "left", tmp_path)
+    path = svd_cache.entry_path(W0, "left", tmp_path)
     path.write_bytes(b"garbage")
     assert not svd_cache.base_svd(W0, "h1", "layer.q", "left", tmp_path)[2]
     assert svd_cache.base_svd(W0, "h1", "layer.q", "left", tmp_path)[2]
+
+
+def test_cache_never_serves_another_matrix_of_the_same_shape_and_norm(tmp_path):
+    """Q·W0 (Q orthogonal) has W0's shape, Frobenius norm and singular values but other singular vectors."""
+    W0, _ = random_case(20, 12, 1, 0.0, seed=6)
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=torch.Generator().manual_seed(7)))
+    rotated = Q @ W0
+    assert torch.isclose(rotated.double().norm(), W0.double().norm(), rtol=1e-6)
+    svd_cache.base_svd(W0, "h1", "layer.q", "left", tmp_path)
+    U, S, hit = svd_cache.base_svd(rotated, "h1", "layer.q", "left", tmp_path)  # same label, other matrix
+    assert not hit
+    U_ref, S_ref = svd_cache.svd(rotated)
+    torch.testing.assert_close(U.abs(), U_ref.abs())
+    torch.testing.assert_close(S, S_ref)
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ from scipy.stats import kendalltau
 
 import adapters
 from adapters import models
-from analysis import report, study
+from analysis import report, spectral, study
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +26,19 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, mo
         return real_train(**kw)
     runs = tmp_path / "runs"
     kwargs = dict(runs=runs, methods=["lora", "cla"], budget="tiny", model=tiny_model, diagnostics=(),
-                  progress=False)
+                  lr_grid=[1e-2], executor="serial", progress=False)
     monkeypatch.setattr(adapters.train, "train", crashing)
     with pytest.raises(KeyboardInterrupt):
         study.sweep(**kwargs)
-    done = runs / "lora-s0" / "training_stats.json"
-    assert done.exists() and not (runs / "cla-s0").exists()
+    done = runs / "lora-lr0.01-s0" / "training_stats.json"
+    assert done.exists() and not (runs / "cla-lr0.01-s0").exists()
     before = done.stat().st_mtime_ns
 
     trained = []
     monkeypatch.setattr(adapters.train, "train", lambda **kw: trained.append(kw["method"]) or real_train(**kw))
     study.sweep(**kwargs)
     assert trained == ["cla"] and done.stat().st_mtime_ns == before
-    assert (runs / "cla-s0" / "training_stats.json").exists()
+    assert (runs / "cla-lr0.01-s0" / "training_stats.json").exists()
     with pytest.raises(adapters.AdapterError, match="other settings"):
         study.sweep(**{**kwargs, "rank": 8})
 
@@ -47,7 +47,7 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, mo
 def tiny_study(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("study")
     study.sweep(runs=root / "runs", methods=["lora", "cla", "c3la"], seeds=[0, 1], budget="tiny", model=tiny_model,
-                progress=False)
+                lr_grid=[1e-2], executor="serial", progress=False)
     return root, report.report(root / "runs", root / "figures", n_boot=200, formats=("png",))
 
 
@@ -55,7 +55,8 @@ def test_report_numbers_are_the_runs_own(tiny_study):
     root, result = tiny_study
     assert len(result["runs"]) == 6
     for row in result["runs"]:
-        run = root / "runs" / f"{row['method']}-s{row['seed']}"
+        run = root / "runs" / f"{row['method']}-lr0.01-s{row['seed']}"
+        assert row["path"] == str(run) and row["lr"] == 1e-2
         stats = json.loads((run / "training_stats.json").read_text())
         assert row["test_metric"] == stats["test_metric"] and row["gap"] == stats["generalization_gap"]
         spectral = json.loads((run / "diagnostics/spectral/spectral.json").read_text())
@@ -86,8 +87,8 @@ def test_consistency_tau_is_kendall_tau_of_the_method_means(tiny_study):
             assert t["tau"] is None
         else:
             assert t["tau"] == pytest.approx(expected)
-            lo, hi = t["interval"]
-            assert -1 <= lo <= hi <= 1
+        # two seeds per method: no interval (see test_intervals_only_from_three_seeds)
+        assert t["interval"] is None and t["interval_method"] is None and set(t["n"].values()) == {2}
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -100,13 +101,16 @@ def test_kendall_tau_matches_scipy_with_ties(seed):
 
 def test_main_job_reduced_form_runs_end_to_end(tmp_path):
     """The README's main-job command on the real MiniLM and movie reviews, with the tiny budget."""
-    code = study.main(["--budget", "tiny", "--methods", "lora", "cla", "--runs", str(tmp_path / "runs"),
-                       "--out", str(tmp_path / "figures")])
+    code = study.main(["--budget", "tiny", "--methods", "lora", "cla", "--lr-grid", "1e-3", "1e-2",
+                       "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")])
     assert code == 0
     result = json.loads((tmp_path / "figures" / "report.json").read_text())
     assert sorted(result["methods"]) == ["cla", "lora"]
     assert all(os.path.getsize(p) > 0 for p in result["figures"])
-    meta = adapters.read_meta(tmp_path / "runs" / "cla-s0")
+    cla = result["methods"]["cla"]
+    assert cla["lr"] in (1e-3, 1e-2) and cla["lr_selection"]["grid"] == [1e-3, 1e-2]
+    assert cla["lr_selection"]["by"] == "val_metric" and result["settings"]["executor"]["executor"] == "ray"
+    meta = adapters.read_meta(tmp_path / "runs" / f"cla-lr{cla['lr']:g}-s0")
     assert meta["base_model"] == "minilm" and meta["task"]["name"] == "movie-reviews"
 
 
@@ -117,3 +121,118 @@ def test_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         report.main([str(tmp_path / "nothing")])
     assert e.value.code == 2 and "runs directory not found" in capsys.readouterr().err
+
+
+# -- the report's comparisons on fabricated runs (fast: no training) -----------------------------------
+
+def _layer(name, intruders):
+    return {"name": name, "intruders": intruders, "sweep": [intruders] * len(spectral.EPS_GRID)}
+
+
+def _run(method, seed, gap, *, mi=1.0, vacuous=False, layers=None, hessian=None, converged=True, P=100):
+    """A record as report.collect makes it, with only what the report reads."""
+    lanczos = {"converged": converged}
+    return dict(path=f"runs/{method}-lr0.001-s{seed}", method=method, seed=seed, lr=1e-3, val_loss_falling=None,
+                stats={"test_metric": 0.5 + gap, "generalization_gap": gap, "wall_time_s": 1.0},
+                bounds={"mi_bound": mi, "vacuous": vacuous, "clipped_gap": gap, "trained_parameters": P},
+                spectral={"layers": layers} if layers is not None else None, spectral_settings=None,
+                landscape=None, landscape_trainable=None,
+                hessian={"eigenvalues": [hessian], "lanczos": lanczos} if hessian is not None else None,
+                hessian_trainable=None)
+
+
+def test_intruders_compare_every_method_on_the_matrices_the_lora_family_adapts():
+    qv = [f"enc.{i}.attention.self.{t}" for i in range(2) for t in ("query", "value")]
+    every = qv + [f"enc.{i}.{t}" for i in range(2) for t in ("attention.self.key", "intermediate.dense")] + ["pooler"]
+    records = [_run("lora", 0, 0.1, layers=[_layer(n, 2) for n in qv]),
+               _run("fft", 0, 0.2, layers=[_layer(n, 1 if n in qv else 40) for n in every]),
+               _run("head", 0, 0.0, layers=[_layer(n, 0) for n in every])]
+    names = report.compared_matrices(records)
+    assert names == qv
+    for r in records:
+        r["intruders"] = report.restrict_intruders(r, names)
+    table = report.summary(records, names)
+    assert table["fft"]["intruders"]["mean"] == 1.0  # not pulled up by its keys, FFN and pooler
+    assert table["fft"]["intruders"]["matrices"] == qv == table["lora"]["intruders"]["matrices"]
+    assert table["head"]["intruders"] is None  # no adapted matrix: n/a, not 0
+    assert sorted(table["lora"]["intruders"]["by_type"]) == ["attention.self.query", "attention.self.value"]
+    assert table["lora"]["intruders"]["by_type"]["attention.self.value"]["mean"] == 2.0
+    md = report.markdown(table, [report.consistency(records, d) for d in report.DIAGNOSTICS],
+                         dict(runs="runs", runs_count=3, loss_clip=4.0, matrices=names, training_seconds=3.0))
+    assert "| Head only | 1 | 0.001 | 100 | " in md and "n/a" in md.split("| Head only")[1].split("\n")[0]
+
+
+def test_intervals_only_from_three_seeds():
+    from scipy import stats
+    two, three = report.aggregate([1.0, 2.0]), report.aggregate([1.0, 2.0, 4.0])
+    assert (two["n"], two["ci"], two["std"]) == (2, None, pytest.approx(np.std([1, 2], ddof=1)))
+    assert report.aggregate([3.0])["std"] is None
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean([1, 2, 4]), scale=stats.sem([1, 2, 4]))
+    assert three["ci"] == pytest.approx([lo, hi]) and "Student t" in three["ci_method"] and three["n"] == 3
+
+    def runs(seeds):
+        return [_run(m, s, g + 0.01 * s, mi=mi) for m, g, mi in (("head", 0.0, 1), ("cla", 0.1, 2), ("lora", 0.3, 3))
+                for s in range(seeds)]
+    assert report.consistency(runs(2), "mi_bound")["interval"] is None
+    t = report.consistency(runs(3), "mi_bound", n_boot=200)
+    assert t["tau"] == pytest.approx(1.0) and t["n"] == {"head": 3, "cla": 3, "lora": 3}
+    assert -1 <= t["interval"][0] <= t["interval"][1] <= 1 and "percentile bootstrap" in t["interval_method"]
+
+
+def test_non_converged_hessians_vacuous_bounds_and_ties_are_shown():
+    records = [_run("cla", 0, 0.1, mi=5.0, vacuous=True, hessian=2.0, converged=False),
+               _run("rcla", 0, 0.3, mi=5.0, vacuous=True, hessian=3.0),
+               _run("lora", 0, 0.2, mi=9.0, vacuous=True, hessian=4.0)]
+    for r in records:
+        r["intruders"] = None
+    table = report.summary(records, [])
+    assert table["cla"]["hessian"]["converged"] == [False] and table["rcla"]["hessian"]["converged"] == [True]
+    taus = [report.consistency(records, d) for d in report.DIAGNOSTICS]
+    hess = next(t for t in taus if t["diagnostic"] == "hessian")
+    mi = next(t for t in taus if t["diagnostic"] == "mi_bound")
+    assert hess["not_converged"] == 1 and mi["distinct"] == 2
+    md = report.markdown(table, taus, dict(runs="runs", runs_count=3, loss_clip=4.0, matrices=[],
+                                           training_seconds=3.0))
+    cla = next(line for line in md.splitlines() if line.startswith("| cLA |"))
+    assert "2 †" in cla and "5 ‡" in cla
+    assert "MI bound takes 2 distinct values over 3 (it depends on the trained-scalar count P alone)" in md
+    assert "‡ vacuous" in md and "† some Lanczos runs did not converge" in md
+    tex = report.latex(table)
+    assert r"$^\dagger$" in tex and r"$^\ddagger$" in tex
+
+
+# -- the README's results section ------------------------------------------------------------------
+
+def test_report_writes_the_readme_results_section(tiny_study, tmp_path, capsys):
+    root, _ = tiny_study
+    readme = tmp_path / "README.md"
+    before, after = "# Title\n\nprose before\n\n", "\nprose after\n"
+    readme.write_text(before + report.README_BEGIN + "\nstale numbers 69 %\n" + report.README_END + after)
+    assert report.main([str(root / "runs"), "--out", str(tmp_path / "fig"), "--formats", "png", "--bootstrap", "20",
+                        "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    saved = json.loads((tmp_path / "fig" / "report.json").read_text())
+    assert text == before + report.README_BEGIN + "\n" + saved["readme_section"] + report.README_END + after
+    assert "stale" not in text and saved["markdown"] in saved["readme_section"]
+    for link in [line.split("](")[1][:-1] for line in saved["readme_section"].splitlines() if line.startswith("![")]:
+        assert (tmp_path / link).exists(), link  # figure links resolve from the README's directory
+    # every Hessian of the tiny study converged within its budget, and the report says so run by run
+    assert all(r["hessian_converged"] is True and r["hessian_trainable_converged"] is True for r in saved["runs"])
+    readme.write_text("no markers here\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        report.main([str(root / "runs"), "--out", str(tmp_path / "fig2"), "--readme", str(readme)])
+    assert e.value.code == 2 and "results:begin" in capsys.readouterr().err
+    assert not (tmp_path / "fig2").exists() and readme.read_text() == "no markers here\n"
+
+
+def test_the_readme_results_are_the_reports_own():
+    """The repository README states the study's numbers only inside its results section, and that section is
+    what `python -m analysis.report runs/ --out figures/ --readme README.md` wrote into figures/report.json."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    assert text.count(report.README_BEGIN) == 1 and text.count(report.README_END) == 1
+    section = text.split(report.README_BEGIN)[1].split(report.README_END)[0]
+    saved = json.loads((root / "figures" / "report.json").read_text())
+    assert section == "\n" + saved.get("readme_section", "(figures/report.json has no README section)")
