@@ -90,7 +90,8 @@ def collect(runs, loss_clip=4.0):
     runs = Path(runs)
     selection = _json_or_none(runs / SELECTION_FILE)
     # The study's learning-rate search leaves runs at the lrs it did not choose: only the final ones are reported.
-    dirs = (sorted(Path(d) for m in selection["methods"].values() for d in m["runs"]) if selection
+    # Final runs are children of `runs` (listed by name; older lists held paths): found wherever `runs` now lies.
+    dirs = (sorted(runs / Path(d).name for m in selection["methods"].values() for d in m["runs"]) if selection
             else sorted(p.parent for p in runs.glob("*/training_stats.json")))
     if not dirs:
         raise AdapterError(f"no runs in {runs}: expected RUNS/<run>/training_stats.json")
@@ -352,19 +353,35 @@ def _selection_rows(table):
     return lines + [""]
 
 
-def _study_line(study):
+def _study_line(study, elapsed=None, executor=None):
     if not study:
         return []
     train = ", ".join(f"{k} {v}" for k, v in (study.get("train") or {}).items())
+    where = ""
+    if elapsed is not None:
+        cpus = f", {executor['cluster_cpus']:g} CPUs" if executor and executor.get("cluster_cpus") else ""
+        where = (f" It took {elapsed / 60:.1f} min from its start to its last result "
+                 f"(executor {(executor or {}).get('executor', 'serial')}{cpus}).")
     return [f"Study (runs/study.json): model {study.get('model')}, task {study.get('task')}, r = {study.get('rank')}, "
             f"α = {study.get('alpha')}, chain length k = {study.get('chain_length')} for the chained methods, "
-            f"budget {study.get('budget')}: {train}.", ""]
+            f"budget {study.get('budget')}: {train}.{where}", ""]
+
+
+def study_elapsed(runs):
+    """Seconds from the study's start (runs/study.json, written first) to the last result file any run wrote; None
+    outside a study. Measured off the files, so it holds for the runs as they are, however they were scheduled."""
+    runs = Path(runs)
+    if not (runs / "study.json").exists():
+        return None
+    results = [p.stat().st_mtime for pattern in ("*/training_stats.json", "*/diagnostics/*/*.json")
+               for p in runs.glob(pattern)]
+    return max(results) - (runs / "study.json").stat().st_mtime if results else None
 
 
 def markdown(table, taus, settings):
     matrices = settings["matrices"]
     types = sorted({t for row in table.values() if row["intruders"] for t in row["intruders"]["by_type"]})
-    lines = _study_line(settings.get("study")) + [
+    lines = _study_line(settings.get("study"), settings.get("elapsed_seconds"), settings.get("executor")) + [
         f"Runs: {settings['runs_count']} in {settings['runs']} · σ from loss clip b = {settings['loss_clip']:g} "
         f"(σ = b/2) · each cell: mean ± sample standard deviation over the n seeds (no ± for n = 1) · "
         f"training time summed over the runs: {settings['training_seconds'] / 60:.1f} min", "",
@@ -581,7 +598,7 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
     settings = dict(runs=str(runs), out=str(out), loss_clip=loss_clip, sigma=loss_clip / 2, n_bootstrap=n_boot,
                     runs_count=len(records), matrices=matrices, min_seeds_for_interval=MIN_SEEDS_FOR_INTERVAL,
                     training_seconds=sum(r["stats"].get("wall_time_s") or 0.0 for r in records),
-                    study=_json_or_none(Path(runs) / "study.json"),
+                    study=_json_or_none(Path(runs) / "study.json"), elapsed_seconds=study_elapsed(runs),
                     executor=(selection or {}).get("executor"), select_by=(selection or {}).get("select_by"))
     out = Path(out)
     figures = (plot_outcomes(table, out, formats) + plot_consistency(records, taus, out, formats)

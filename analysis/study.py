@@ -204,8 +204,9 @@ def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", mo
         executor_settings = pool.settings()
     finally:
         pool.close()
+    names = {m: [Path(run).name for run in final[m]] for m in methods}  # relative: the directory may move
     write_json(Path(runs) / SELECTION_FILE, dict(seeds=seeds, select_by=select_by, executor=executor_settings,
-                                                 methods={m: dict(selection[m], runs=final[m]) for m in methods}))
+                                                 methods={m: dict(selection[m], runs=names[m]) for m in methods}))
     return final
 
 

@@ -135,6 +135,7 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_without_redoing_runs(tmp_pa
         lr = selection["methods"][method]["lr"]
         assert lr in (3e-3, 3e-2) and selection["methods"][method]["grid"] == [3e-3, 3e-2]
         assert [os.path.basename(r) for r in on_ray[method]] == [f"{method}-lr{lr:g}-s{s}" for s in (0, 1)]
+        assert selection["methods"][method]["runs"] == [f"{method}-lr{lr:g}-s{s}" for s in (0, 1)]  # relative
         for a, b in zip(on_ray[method], serial[method]):
             wa, wb = _weights(tmp_path / "ray" / os.path.basename(a)), _weights(tmp_path / "serial" / os.path.basename(b))
             for k in wa:
