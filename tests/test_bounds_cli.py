@@ -378,8 +378,11 @@ def test_clipped_gap_beside_the_unclipped_one(tmp_path, capsys):
     b = float(np.median(losses["test"]))  # clips about half the test examples
     [row] = run_json(capsys, str(real), "--loss-clip", str(b), "--no-theorem1")
     want = np.minimum(losses["test"], b).mean() - np.minimum(losses["train"], b).mean()
+    # Clipping at the median changes this run's gap by more than the tolerance below (by how much depends on the
+    # run: 4e-4 relative on one machine), so an unclipped gap fails the comparison with `want`.
+    assert want != pytest.approx(losses["test"].mean() - losses["train"].mean(), rel=1e-5)
     assert row["clipped_gap"] == pytest.approx(want, rel=1e-6) and abs(row["clipped_gap"]) <= b
-    assert row["clipped_gap"] != pytest.approx(row["empirical_gap"], rel=1e-3)
+    assert row["clipped_gap"] != pytest.approx(row["empirical_gap"], rel=1e-5)
     assert row["empirical_gap"] == stats["generalization_gap"]
     assert main([str(real), "--loss-clip", str(b), "--no-theorem1"]) == 0
     assert "Ĝ clipped at b" in capsys.readouterr().out
