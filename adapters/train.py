@@ -238,7 +238,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         random.setstate(state["py_rng"])
         step, history, step_times, running = state["step"], state["history"], state["step_times"], state["running"]
         snapshots = {s: None for s in state["snapshot_steps"]}  # the files are already in partial/
-    elif resume:
+    elif resume and partial.exists():  # nothing at all to resume is the normal first run: say nothing then
         accelerator.print(f"no resumable state in {partial}; starting from step 0")
     elif partial.exists() and accelerator.is_main_process:
         shutil.rmtree(partial)  # a fresh run: the old state and snapshots are not ours (only now: set-up worked)
