@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
-from . import models
+from . import models, tasks
 from .errors import CheckpointError
 from .inject import adapted_layers, attach_factors, trained_parameters
 from .io import atomic_dir, write_json
@@ -27,20 +27,23 @@ PEFT_PREFIX = "base_model.model."
 weights_hash = models.weights_hash
 
 
-def save(model, path, *, base_model, base_model_hash, extra_meta=None, files=None, overwrite=False):
+def save(model, path, *, base_model, base_model_hash, task_type="classification", extra_meta=None, files=None,
+         overwrite=False):
     """Write `model` (with adapters applied) as a checkpoint directory at `path`, atomically.
 
-    `files`: optional {relative name: callable(full path)} for more content (training stats,
-    trajectory snapshots) written inside the same atomic directory.
+    `task_type`: what the model was trained for (adapters.tasks), which says how to rebuild its base and which
+    PEFT task_type the adapter carries. `files`: optional {relative name: callable(full path)} for more content
+    (training stats, trajectory snapshots) written inside the same atomic directory.
     """
     settings = model.adapter_settings
     spec = get_method(settings["method"])
+    kind = tasks.get_task_type(task_type)
     layers = adapted_layers(model)
-    meta = dict(format_version=FORMAT_VERSION, **settings, scale=settings["alpha"] / settings["rank"],
+    meta = dict(format_version=FORMAT_VERSION, **settings, task_type=kind.name, scale=settings["alpha"] / settings["rank"],
                 link_boundaries=[], selectors={n: l.selectors() for n, l in layers.items() if l.spec.selector},
                 layer_seeds={n: l.seed for n, l in layers.items()},
                 base_model=str(base_model), base_model_hash=base_model_hash,
-                num_labels=model.config.num_labels, bits=torch.finfo(_trained_dtype(model)).bits,
+                num_labels=model.config.num_labels if kind.new_head else None, bits=torch.finfo(_trained_dtype(model)).bits,
                 parameters=trained_parameters(model))
     meta.update(extra_meta or {})
     with atomic_dir(path, overwrite=overwrite) as tmp:
@@ -48,19 +51,31 @@ def save(model, path, *, base_model, base_model_hash, extra_meta=None, files=Non
                       if models.in_modules(k, settings["head"])}
         if spec.adapter is None:
             state = model.state_dict() if spec.trains_base else head_state
-            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / TRAINED))
+            save_file(_unshared(state), str(tmp / TRAINED))
         else:
-            _save_peft(model, tmp, layers, head_state, base_model)
+            _save_peft(model, tmp, layers, head_state, base_model, kind.peft_task_type)
         write_json(tmp / META, meta)
         for name, write in (files or {}).items():
             write(tmp / name)
+
+
+def _unshared(state):
+    """The state's tensors with each storage saved once: tied weights (an LM's lm_head and input embeddings) are
+    one tensor under two names, which safetensors refuses; loading one name sets both."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().contiguous()
+    return out
 
 
 def _trained_dtype(model):
     return next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
 
 
-def _save_peft(model, directory, layers, head_state, base_model):
+def _save_peft(model, directory, layers, head_state, base_model, peft_task_type):
     import peft
     settings = model.adapter_settings
     tensors = {}
@@ -72,7 +87,7 @@ def _save_peft(model, directory, layers, head_state, base_model):
     rank = settings["rank"] * settings["chain_length"]
     config = peft.LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=settings["dropout"], target_modules=list(layers),
-        modules_to_save=settings["head"] or None, task_type="SEQ_CLS",
+        modules_to_save=settings["head"] or None, task_type=peft_task_type,
         fan_in_fan_out=any(isinstance(l.base, Conv1D) for l in layers.values()),
         base_model_name_or_path=models.resolve_model(base_model))
     config.save_pretrained(str(directory))
@@ -116,7 +131,17 @@ def read_meta(path):
                        if any(f".{h}." in k for h in heads) and len(shape) == 2), 2)
     return dict(format_version=FORMAT_VERSION, method="lora", rank=config["r"], alpha=config["lora_alpha"],
                 chain_length=1, dropout=config.get("lora_dropout", 0.0), base_model=config["base_model_name_or_path"],
-                base_model_hash=None, num_labels=num_labels, head=sorted(set(heads)), bits=32, peft=True)
+                base_model_hash=None, num_labels=num_labels, head=sorted(set(heads)), bits=32, peft=True,
+                task_type=_peft_task_type(config))
+
+
+def _peft_task_type(config):
+    """Our task type for a PEFT adapter: by its task_type, and for none (PEFT has no image task type) by its base."""
+    ours = next((t.name for t in tasks.TASK_TYPES.values() if t.peft_task_type and
+                 t.peft_task_type == config.get("task_type")), None)
+    if ours is None and models.model_family(config["base_model_name_or_path"]) == "vision":
+        ours = "image-classification"
+    return ours or tasks.CLASSIFICATION.name
 
 
 # adapter_config.json, field by field. Read by us: r, lora_alpha, use_rslora, rank_pattern, alpha_pattern (the
@@ -223,12 +248,14 @@ def load_base(path, *, attn_implementation=None):
 
 def _load_base(path, attn_implementation=None):
     meta = read_meta(path)
+    kind = tasks.of_meta(meta)
     model = models.load_model(meta["base_model"], meta["num_labels"], seed=meta.get("seed", 0),
-                              attn_implementation=attn_implementation)
+                              attn_implementation=attn_implementation, auto_class=kind.auto_class)
     # PEFT lists every head name it knows ("classifier", "score") in modules_to_save: keep the real ones.
     meta["head"] = [h for h in meta["head"] if h in dict(model.named_children())]
     expected = meta.get("base_model_hash")
-    if expected and models.weights_hash(model, exclude=meta["head"]) != expected:
+    # The hash leaves out a new (trained) head, as training computed it; a causal LM's own lm_head is pretrained.
+    if expected and models.weights_hash(model, exclude=meta["head"] if kind.new_head else []) != expected:
         raise CheckpointError(f"base model {meta['base_model']} does not match the checkpoint's recorded "
                               f"weights hash ({expected[:12]}…): it was trained on other weights")
     return model, meta
@@ -249,8 +276,10 @@ def load(path, *, attn_implementation=None):
         if missing:
             raise CheckpointError(f"corrupt checkpoint {path}: unknown tensors {sorted(missing)[:3]}")
         model.load_state_dict(state, strict=False)
-        for name, p in model.named_parameters():
-            p.requires_grad_(spec.trains_base or models.in_modules(name, meta["head"]))
+        for p in model.parameters():
+            p.requires_grad_(spec.trains_base)
+        for h in meta["head"]:  # by module, not by name: a tied lm_head's weight is named after the embeddings
+            model.get_submodule(h).requires_grad_(True)
     else:
         factors = lowrank_factors(path)
         if spec.adapter.selector:  # keep selectors as gathers: columns of the one-hot rows of A

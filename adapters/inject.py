@@ -20,6 +20,8 @@ DEFAULT_TARGETS = {
     **dict.fromkeys(["gpt2"], ["c_attn"]),
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt"],
                     ["q_proj", "v_proj"]),
+    # transformers 5 names DINOv2's projections q_proj/v_proj (4.x: attention.query/value, pass them as targets).
+    "dinov2": ["q_proj", "v_proj"],
 }
 ALL_LINEAR = "all-linear"
 

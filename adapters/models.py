@@ -454,24 +454,34 @@ def _tiny_config(family, tokenizer, num_labels):
     if family == "llama":
         return transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                                        max_position_embeddings=512, **small)
-    raise AdapterError(f"unknown tiny model family {family!r} (choose bert, gpt2 or llama)")
+                                        max_position_embeddings=512, tie_word_embeddings=True, **small)
+    raise AdapterError(f"unknown tiny model family {family!r} (choose bert, gpt2, llama or dinov2)")
 
 
 def tiny_model_dir(path, family="bert", num_labels=2, seed=0):
-    """Write a tiny randomly initialised `family` model (bert, gpt2, llama) with MiniLM's tokenizer to `path`.
+    """Write a tiny randomly initialised `family` model (bert, gpt2, llama, dinov2) to `path`.
 
-    For unit tests only (random weights say nothing about fine-tuning). Only the body is saved, so
-    load_model(path) adds a new head, as it does for MiniLM. Returns `path`.
+    For unit tests only (random weights say nothing about fine-tuning). Text models get MiniLM's tokenizer, the
+    DINOv2 one (ViT, 28x28 images in 4x4 patches of 7) an image processor like dinov2-small's. The tiny llama ties
+    its input and output embeddings, as SmolLM2 does. Only the body is saved, so load_model(path) adds a new head
+    (or, as a causal LM, the tied lm_head), as it does for the real models. Returns `path`.
     """
-    # No token_type_ids outside BERT: GPT-2 would add wte[token_type_id] to its inputs, Llama has no such input.
-    inputs = {} if family == "bert" else {"model_input_names": ["input_ids", "attention_mask"]}
-    tokenizer = _from_pretrained(transformers.AutoTokenizer, MINILM, **inputs)
-    config = _tiny_config(family, tokenizer, num_labels)
+    if family == "dinov2":
+        config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                           patch_size=7, image_size=28, layerscale_value=1.0, num_labels=num_labels)
+        with _quiet_transformers():  # (it says it falls back to PIL without torchvision)
+            processor = transformers.BitImageProcessor(
+                size={"height": 28, "width": 28}, do_center_crop=False, resample=3, do_rescale=True,
+                do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    else:
+        # No token_type_ids outside BERT: GPT-2 would add wte[token_type_id] to its inputs, Llama has no such input.
+        inputs = {} if family == "bert" else {"model_input_names": ["input_ids", "attention_mask"]}
+        processor = _from_pretrained(transformers.AutoTokenizer, MINILM, **inputs)
+        config = _tiny_config(family, processor, num_labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         body = transformers.AutoModel.from_config(config)
     with atomic_dir(path, overwrite=True) as tmp, _quiet_transformers():
         body.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return path

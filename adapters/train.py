@@ -1,6 +1,11 @@
-"""Train any method on any transformers sequence classifier and write a checkpoint directory.
+"""Train any method on a transformers model for a task and write a checkpoint directory.
 
     python -m adapters.train --method cla --max-steps 200 --out ckpt/cla
+    python -m adapters.train --model smollm2-135m --task movie-dialog --method c3la --chain-length 3 --out ckpt/lm
+    python -m adapters.train --model dinov2-small --task fashion-mnist --method cla --out ckpt/vit
+
+The task's type (adapters.tasks) says which model class is built (a sequence classifier, a causal LM, an image
+classifier), how examples are batched and what the loss is; everything else here is the same for every task.
 
 Runs on accelerate, so the same command works under `accelerate launch` / torchrun (DDP): the batch
 size is global (split over processes) and every random draw (selectors, head init, data order) comes
@@ -22,13 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, evaluate, models
+from . import checkpoint, data, evaluate, models, tasks
 from .errors import AdapterError, ArgumentParser, cli
 from .inject import adapted_layers, apply, next_link, param_groups
-from .io import write_json
+from .io import write_json, write_text
 from .methods import get_method
 
 DEFAULT_LR = {True: 5e-5, False: 1e-3}  # by "trains the pretrained weights": fft vs everything else
@@ -47,7 +53,9 @@ RANGES = dict(epochs=_POSITIVE, max_steps=_AT_LEAST_1, lr=_POSITIVE, lr_ratio=_P
               head_lr_mult=_POSITIVE, eval_every=_AT_LEAST_1, eval_examples=_AT_LEAST_1, save_every=_AT_LEAST_1,
               save_trajectory=_NON_NEGATIVE)
 # Arguments that do not change what a run computes: a resumed run may differ in these only.
-NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress")
+NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress", "report_to", "logging_dir",
+               "config")
+CONFIG = "config.yaml"  # the run's resolved configuration, in the checkpoint: `--config` it to rerun the run
 
 
 def link_boundaries(total_steps, chain_length):
@@ -97,31 +105,54 @@ def _loss_summary(prefix, losses):
             f"{prefix}_loss_max": max(losses)}
 
 
-def _eval_split(accelerator, model, rows, tokenizer, max_length, batch_size):
-    """Evaluate `rows` sharded over processes; every process gets the full per-example result (in row order).
+def _eval_split(accelerator, model, rows, processor, max_length, batch_size, kind):
+    """Evaluate `rows` sharded over processes; every process gets the full result (evaluate.summary, row order).
 
     None for no rows. Each shard is batched in order of length (little padding: an example's loss does not depend
-    on its batch-mates), and its per-example losses are put back in row order.
+    on its batch-mates), and its per-example scores are put back in row order.
     """
     if not rows:
         return None
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = rows[rank::world]
-    order = sorted(range(len(mine)), key=data.token_lengths(tokenizer, mine, max_length).__getitem__)
-    losses, correct = [0.0] * len(mine), 0
-    if mine:
-        result = evaluate.evaluate(model, evaluate.batches(tokenizer, [mine[i] for i in order], max_length, batch_size))
-        for i, loss in zip(order, result["losses"]):
-            losses[i] = loss
-        correct = round(result["accuracy"] * len(mine))
-    parts = [(losses, correct)]
+    order = sorted(range(len(mine)), key=kind.lengths(processor, mine, max_length).__getitem__)
+    scores = [None] * len(mine)  # (summed loss, units, correct) per example
+    with torch.no_grad(), evaluate.eval_mode(model):
+        for batch in evaluate.batches(processor, [mine[i] for i in order], max_length, batch_size, kind):
+            at, order = order[:len(batch["labels"])], order[len(batch["labels"]):]
+            for i, *score in zip(at, *(v.double().tolist() for v in evaluate.batch_scores(model, batch, kind.score))):
+                scores[i] = score
+    parts = [scores]
     if world > 1:
         parts = [None] * world
-        torch.distributed.all_gather_object(parts, (losses, correct))
+        torch.distributed.all_gather_object(parts, scores)
     every = [None] * len(rows)
-    for r, (shard, _) in enumerate(parts):
+    for r, shard in enumerate(parts):
         every[r::world] = shard
-    return {"loss": sum(every) / len(every), "accuracy": sum(c for _, c in parts) / len(every), "losses": every}
+    return evaluate.summary(*zip(*every))
+
+
+def _loss(accelerator, net, batch, kind):
+    """The batch's training loss: the task's Σ loss / Σ units over the whole global batch.
+
+    Each process divides its own summed loss by the mean units per process (one all-reduce of a count), so the
+    gradients DDP averages are those of the global batch's mean, also for a causal LM, whose rows hold different
+    numbers of scored tokens (transformers' own loss, a per-process mean, would weigh each process's tokens
+    unequally).
+    """
+    sums, units, _ = evaluate.batch_scores(net, batch, kind.score)
+    per_process = accelerator.reduce(units.sum().detach(), "mean") if accelerator.num_processes > 1 else units.sum()
+    return sums.sum() / per_process
+
+
+def _split_stats(kind, evs):
+    """training_stats' per-split numbers: {split}_loss, {split}_metric and {split}_<metric name> (accuracy or
+    perplexity), None for a split without rows."""
+    out = {}
+    for split, ev in evs.items():
+        metric = ev and kind.metric_of(ev)
+        out.update({f"{split}_loss": ev and ev["loss"], f"{split}_metric": metric, f"{split}_{kind.metric}": metric})
+    return out
 
 
 def _check_arguments(args):
@@ -147,7 +178,7 @@ def _check_arguments(args):
         raise AdapterError(f"output directory {out} exists and is not empty (use --overwrite)")
 
 
-def _accelerator(mixed_precision):
+def _accelerator(mixed_precision, log_with=(), project_dir=None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -159,6 +190,7 @@ def _accelerator(mixed_precision):
     # not broadcast them, and they change shape when a link ends.
     # cpu=True when there is no GPU: accelerate only sets up multi-process CPU (gloo) training then.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                              log_with=list(log_with) or None, project_dir=project_dir,
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     if accelerator.mixed_precision != "no" and not accelerator.native_amp:
@@ -173,7 +205,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
           grad_clip=1.0, batch_size=16, max_length=64, seed=0, out="ckpt", save_trajectory=0, resume=False,
           overwrite=False, n_train=None, n_val=None, n_test=None, val_fraction=data.VAL_FRACTION, head_lr_mult=None,
           group_by_length=True, eval_every=None, eval_examples=512, save_every=None, dropout=0.0,
-          mixed_precision=None, on_step=None, progress=True):
+          mixed_precision=None, report_to="none", logging_dir=None, config=None, on_step=None, progress=True):
     """Fine-tune and write a checkpoint to `out`; returns training_stats (also in out/training_stats.json).
 
     `dropout`: LoRA dropout p on the adapter path (PEFT's lora_dropout). `mixed_precision`: "no", "fp16" or
@@ -182,6 +214,10 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     the mid-run evaluations in `history` use and is evaluated at the end beside train and test; test is never
     looked at before the end. `head_lr_mult`: the head's lr multiplier (default: the method's, 10 for fft and
     head-only). `group_by_length`: batches of similar length (less padding, same examples per epoch).
+    `report_to`: tensorboard, wandb, trackio, all or none (accelerate's trackers, logs under `logging_dir`, default
+    OUT.logs/): at each evaluation the running loss, lr, validation loss and metric and the diagnostics of
+    adapters.integrations (intruders, ‖ΔW‖, stable rank, the MI bound so far). `config`: the resolved settings to
+    write into OUT/config.yaml (the CLI passes its own; default: these arguments).
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
     Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
     the run has set up successfully.
@@ -196,15 +232,23 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     if lr is None:
         lr = DEFAULT_LR[spec.trains_base]
 
-    accelerator = _accelerator(mixed_precision)
+    from .integrations import Diagnostics, log_scalars, tracker_config, tracker_names
+    trackers = tracker_names(report_to)
+    logging_dir = Path(logging_dir) if logging_dir else out.with_name(out.name + ".logs")
+    accelerator = _accelerator(mixed_precision, trackers, logging_dir if trackers else None)
     if batch_size % accelerator.num_processes:
         raise AdapterError(f"batch_size {batch_size} must divide over {accelerator.num_processes} processes")
     set_seed(seed)  # dropout draws from the global RNG: same seed, same run
     the_task = data.load_task(task, data_file, n_train=n_train, n_val=n_val, n_test=n_test, val_fraction=val_fraction)
-    tokenizer = models.load_tokenizer(model)
-    net = models.load_model(model, num_labels=len(the_task.labels), seed=seed)
-    base_hash = models.weights_hash(net)
-    apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed, dropout=dropout)
+    kind = tasks.get_task_type(the_task.type)
+    tasks.check_model(kind, model, models.model_family(model))
+    processor = models.load_processor(model)
+    net = models.load_model(model, num_labels=len(the_task.labels or ()), seed=seed, auto_class=kind.auto_class)
+    base_hash = models.weights_hash(net, exclude=kind.new_modules(net))
+    apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed, dropout=dropout,
+          head=kind.trained_head(net, spec))
+    if head_lr_mult is None:  # the paper's 10x is for a new head; a pretrained one (an LM's) trains at the base lr
+        head_lr_mult = spec.head_lr_mult if kind.new_head else 1.0
     groups = param_groups(net, lr, weight_decay, lr_ratio, head_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
@@ -249,13 +293,19 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     if state is not None and accelerator.scaler is not None:  # fp16's loss scale goes on where it was
         accelerator.scaler.load_state_dict(state["scaler"])
     eval_rows = the_task.val[:eval_examples]  # mid-run evaluations: validation, never test
-    lengths = data.token_lengths(tokenizer, the_task.train, max_length) if group_by_length else None
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in (config or args).items()
+              if not callable(v) and k != "config"}
+    diagnose = None
+    if trackers:
+        accelerator.init_trackers(out.name, config=tracker_config(config))
+        diagnose = Diagnostics(("intruders", "delta_norm", "stable_rank", "mi_bound"), n_examples=len(the_task.train))
+    lengths = kind.lengths(processor, the_task.train, max_length) if group_by_length else None
 
     def batches(epoch):
         """This epoch's batches: the order depends on (seed, epoch) only, the same on every process,
         and starting an epoch leaves the global RNG (dropout) untouched, so a resumed run replays exactly."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        collate = data.collate(tokenizer, max_length)
+        collate = kind.collate(processor, max_length)
         if group_by_length:
             # generator= as well: without one, the DataLoader draws its workers' base seed from the global RNG
             # when iteration starts, which would shift dropout's stream on a resumed run.
@@ -290,7 +340,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             if i < skip:
                 continue  # resumed mid-epoch: the same order, the batches already seen skipped
             t0 = time.perf_counter()
-            loss = net(**batch).loss
+            loss = _loss(accelerator, net, batch, kind)
             accelerator.backward(loss)
             if grad_clip:
                 accelerator.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], grad_clip)
@@ -308,11 +358,14 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
                 save_file(snapshot(inner), str(partial / f"step_{step:08d}.safetensors"))
                 snapshots[step] = None
             if step % eval_every == 0 or step == total:
-                ev = _eval_split(accelerator, inner, eval_rows, tokenizer, max_length, 2 * batch_size)
-                history.append(dict(step=step, train_loss_running=sum(running) / len(running), lr=schedule.get_last_lr()[0],
-                                    val_loss=ev and ev["loss"], val_accuracy=ev and ev["accuracy"]))
+                ev = _eval_split(accelerator, inner, eval_rows, processor, max_length, 2 * batch_size, kind)
+                history.append(dict(step=step, train_loss_running=sum(running) / len(running),
+                                    lr=schedule.get_last_lr()[0], **_split_stats(kind, {"val": ev})))
+                if diagnose is not None:
+                    numbers = {k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and k != "step"}
+                    log_scalars(accelerator, {**numbers, **diagnose(inner, step)}, step)
                 bar.set_postfix(loss=f"{history[-1]['train_loss_running']:.3f}",
-                                **({"val_acc": f"{ev['accuracy']:.3f}"} if ev else {}))
+                                **({f"val_{kind.metric}": f"{kind.metric_of(ev):.3f}"} if ev else {}))
                 running = []
             if save_every and step % save_every == 0 and step < total:
                 save_state()
@@ -326,21 +379,22 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     # Final evaluation: eval mode, final weights, full splits (THEORY.md section 3), in the weights' own
     # precision (fp32): accelerate's autocast wrapper comes off, so this is what a fresh load evaluates to.
     inner = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
-    train_ev = _eval_split(accelerator, inner, the_task.train, tokenizer, max_length, 2 * batch_size)
-    val_ev = _eval_split(accelerator, inner, the_task.val, tokenizer, max_length, 2 * batch_size)
-    test_ev = _eval_split(accelerator, inner, the_task.test, tokenizer, max_length, 2 * batch_size)
+    evs = {split: _eval_split(accelerator, inner, getattr(the_task, split), processor, max_length, 2 * batch_size,
+                              kind) for split in ("train", "val", "test")}
+    train_ev, test_ev = evs["train"], evs["test"]
+    # The metric's gap, signed like the loss's: positive when the test split does worse.
+    metric_gap = (kind.metric_of(train_ev) - kind.metric_of(test_ev)) * (1 if kind.higher_is_better else -1)
     peak, peak_kind = _peak_memory(accelerator.device)
     precision = dict(dropout=dropout, mixed_precision=accelerator.mixed_precision,
                      eval_precision=PRECISION_NAMES[next(inner.parameters()).dtype])
     stats = dict(
-        n_train=len(the_task.train), n_val=len(the_task.val), n_test=len(the_task.test), metric="accuracy",
-        train_loss=train_ev["loss"], val_loss=val_ev and val_ev["loss"], test_loss=test_ev["loss"],
-        train_metric=train_ev["accuracy"], val_metric=val_ev and val_ev["accuracy"], test_metric=test_ev["accuracy"],
-        train_accuracy=train_ev["accuracy"], val_accuracy=val_ev and val_ev["accuracy"],
-        test_accuracy=test_ev["accuracy"],
+        n_train=len(the_task.train), n_val=len(the_task.val), n_test=len(the_task.test), task_type=kind.name,
+        metric=kind.metric, metric_higher_is_better=kind.higher_is_better, loss_unit=kind.loss_unit,
+        **_split_stats(kind, evs),
+        **{f"{split}_units": sum(ev["units"]) for split, ev in evs.items() if ev},
         generalization_gap=test_ev["loss"] - train_ev["loss"],
         abs_generalization_gap=abs(test_ev["loss"] - train_ev["loss"]),
-        metric_gap=train_ev["accuracy"] - test_ev["accuracy"],
+        metric_gap=metric_gap,
         **_loss_summary("train", train_ev["losses"]), **_loss_summary("test", test_ev["losses"]),
         steps=total, epochs=total / steps_per_epoch, history=history, wall_time_s=wall,
         median_step_time_s=statistics.median(step_times) if step_times else None,
@@ -348,12 +402,12 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
         device=str(accelerator.device), **precision, versions=_versions())
     if accelerator.is_main_process:
-        task_meta = dict(name=the_task.name, data=str(Path(data_file).resolve()) if data_file else None,
+        task_meta = dict(name=the_task.name, type=kind.name, data=str(Path(data_file).resolve()) if data_file else None,
                          labels=the_task.labels, max_length=max_length, n_train=n_train, n_val=n_val, n_test=n_test,
                          val_fraction=val_fraction, sha256=the_task.sha256)
         hyper = dict(lr=lr, lr_ratio=lr_ratio if lr_ratio is not None else (
             spec.adapter.lr_ratio if spec.adapter else 1.0),
-            head_lr_mult=head_lr_mult if head_lr_mult is not None else spec.head_lr_mult,
+            head_lr_mult=head_lr_mult,
             group_lrs=[g["lr"] for g in groups], weight_decay=weight_decay, warmup=warmup,
             grad_clip=grad_clip, batch_size=batch_size, group_by_length=group_by_length, steps=total, **precision)
 
@@ -362,12 +416,17 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             for s in sorted(snapshots):
                 shutil.copy(partial / f"step_{s:08d}.safetensors", directory / f"step_{s:08d}.safetensors")
 
-        files = {checkpoint.STATS: lambda p: write_json(p, stats)}
+        files = {checkpoint.STATS: lambda p: write_json(p, stats), CONFIG: lambda p: write_text(
+            p, yaml.safe_dump(config, sort_keys=False))}
         if snapshots:
             files["trajectory"] = write_trajectory
-        checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, overwrite=overwrite,
+        checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name, overwrite=overwrite,
                         extra_meta=dict(link_boundaries=boundaries, task=task_meta, training=hyper), files=files)
         shutil.rmtree(partial, ignore_errors=True)
+    if trackers:
+        log_scalars(accelerator, {f"final/{k}": v for k, v in stats.items()
+                                  if k.endswith(("_loss", "_metric", "_gap")) and isinstance(v, (int, float))}, total)
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return stats
 
@@ -390,9 +449,13 @@ def _read_state(state_file, results_args):
 
 def _parser():
     p = ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="minilm", help="transformers id or local path; 'minilm' = offline MiniLM")
-    p.add_argument("--task", default="movie-reviews", help="built-in task (default: movie-reviews)")
-    p.add_argument("--data", dest="data_file", help="CSV/TSV/JSONL with text and label (optional split) columns")
+    p.add_argument("--model", default="minilm", help="offline model (minilm, smollm2-135m, dinov2-small), "
+                                                     "a transformers directory or a cached hub id")
+    p.add_argument("--task", default="movie-reviews",
+                   help="built-in task: movie-reviews (classification), movie-dialog (causal LM), fashion-mnist "
+                        "(images); default movie-reviews")
+    p.add_argument("--data", dest="data_file", help="your data: CSV/TSV/JSONL with text,label or prompt,completion "
+                                                    "columns (optional split), or an ImageFolder directory")
     p.add_argument("--method", default="cla")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
@@ -423,6 +486,9 @@ def _parser():
     p.add_argument("--save-every", type=int, help="write resumable state every N steps (to OUT.partial/)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial/ if present")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p on the adapter path (PEFT lora_dropout)")
+    p.add_argument("--report-to", default="none", help="tensorboard, wandb, trackio, all or none (default): "
+                   "losses, lr, validation metric and diagnostics at each evaluation, via accelerate's trackers")
+    p.add_argument("--logging-dir", help="where trackers write (default: OUT.logs/)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
                    help="autocast for training (default: accelerate's, ACCELERATE_MIXED_PRECISION or no); "
                         "the final evaluation is fp32")
@@ -431,8 +497,9 @@ def _parser():
 
 @cli
 def main(argv=None):
-    args = vars(_parser().parse_args(argv))
-    stats = train(**args)  # checks every argument before it writes anything
+    from .integrations import parse_args_with_config
+    args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
+    stats = train(**args, config=args)  # checks every argument before it writes anything
     summary = {k: stats[k] for k in ("n_train", "n_val", "n_test", "train_loss", "val_loss", "test_loss",
                                      "train_metric", "val_metric", "test_metric", "generalization_gap",
                                      "median_step_time_s")}

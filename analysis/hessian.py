@@ -29,7 +29,9 @@ from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.evaluate import examples_arg
 from adapters.io import write_json
 from analysis import lanczos, spaces
-from analysis.landscape import SPLITS, batch_loss, eval_mode, to_device
+from adapters.evaluate import eval_mode
+from adapters.tasks import class_scores
+from analysis.landscape import SPLITS, batch_loss, to_device
 
 DEFAULTS = dict(top_k=5, trace=False, density=False, space="trainable", parametrization="trained", matrices=None,
                 examples=256, split="train",
@@ -53,25 +55,26 @@ def only_grad(model, params):
 
 
 class HessianOperator:
-    """v ↦ H v for L = (1/N) Σ_examples ℓ over `batches`, w.r.t. `params`, on flat vectors.
+    """v ↦ H v for L = (1/N) Σ_units ℓ over `batches` (the task's loss, `score`: N examples for a classifier, N
+    scored tokens for a causal LM), w.r.t. `params`, on flat vectors.
 
     cache_graph=True keeps each batch's differentiable gradient graph, so a product costs one
     backward pass instead of forward + backward + backward: faster, but it holds every batch's
     activations (and their graph) in memory for the whole computation.
     """
 
-    def __init__(self, model, params, batches, cache_graph=False):
-        self.model, self.params, self.batches = model, list(params), batches
+    def __init__(self, model, params, batches, cache_graph=False, score=class_scores):
+        self.model, self.params, self.batches, self.score = model, list(params), batches, score
         self.cache_graph, self._cache = cache_graph, None
         self.n = sum(p.numel() for p in self.params)
-        self.count = sum(len(b["labels"]) for b in batches)
+        with eval_mode(model), torch.no_grad():  # N, as the task counts units (one forward pass per batch)
+            self.count = sum(batch_loss(model, b, score)[2] for b in batches)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.matvecs = 0
 
     def _grads(self, batch, create_graph):
-        loss, _ = batch_loss(self.model, batch)
-        loss = loss / self.count
+        loss = batch_loss(self.model, batch, self.score)[0] / self.count
         g = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         return loss, g
 
@@ -196,11 +199,12 @@ def run(ckpt, **settings):
     named, space = spaces.prepare(model, meta, s["space"], s["parametrization"], s["matrices"])
     model.to(device)
     batches = to_device(ev.checkpoint_batches(ckpt, s["split"], s["examples"], s["batch_size"], s["seed"]), device)
-    op = HessianOperator(model, [p for _, p in named], batches, cache_graph=s["cache_graph"])
+    op = HessianOperator(model, [p for _, p in named], batches, cache_graph=s["cache_graph"],
+                         score=ev.checkpoint_score(ckpt))
     loss, grad = op.gradient()
     result = {"checkpoint": ckpt, "method": meta.get("method"),
               "settings": {k: v for k, v in s.items() if k not in ("out", "progress", "device", "formats")},
-              "examples": op.count, "loss": loss, "grad_norm": float(grad.norm()), "space_tensors": len(named),
+              "examples": sum(len(b["labels"]) for b in batches), "loss_units": op.count, "loss": loss, "grad_norm": float(grad.norm()), "space_tensors": len(named),
               **space}
     result.update(spectrum(op, **{k: s[k] for k in ("top_k", "trace", "density", "seed", "max_iter", "tol",
                                                    "trace_method", "trace_samples", "density_steps",

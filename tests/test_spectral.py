@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from adapters.tasks import CLASSIFICATION  # noqa: E402
 from analysis import spectral, svd_cache  # noqa: E402
 
 GRID = np.array(spectral.EPS_GRID)
@@ -194,7 +195,7 @@ def _train(method, path, steps=4, **kw):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3 if method != "fft" else 1e-4)
     model.train()
     for step in range(steps):
-        loss = model(**data.encode(tok, task.train[8 * step:8 * (step + 1)], 32)).loss
+        loss = model(**CLASSIFICATION.encode(tok, task.train[8 * step:8 * (step + 1)], 32)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
