@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import models
+from . import models, tasks
 from .errors import AdapterError
 from .layers import AdaptedLinear
 from .methods import get_method, layer_seed
@@ -71,8 +71,8 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, see
     """Make `model` train with `method` (in place) and return it.
 
     Freezes everything, wraps the target layers in AdaptedLinear, and leaves trainable exactly the
-    method's trained scalars plus the task head (`head`: top-level module names; default: found by
-    `head_modules`). `dropout` is LoRA dropout on the adapter path's input (PEFT's lora_dropout).
+    method's trained scalars plus the task head (`head`: top-level module names; default: a classifier's head, found
+    by `head_modules`; none for a causal LM, whose lm_head is pretrained, unless the method is head-only). `dropout` is LoRA dropout on the adapter path's input (PEFT's lora_dropout).
     The settings are kept on the model as `model.adapter_settings`.
     """
     spec = get_method(method)
@@ -91,7 +91,9 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, see
         raise AdapterError(f"dropout must be in [0, 1), got {dropout!r}")
     if spec.adapter is None and (targets is not None or dropout):
         raise AdapterError(f"method {method!r} has no adapter layers: targets and dropout do not apply")
-    head = list(head_modules(model) if head is None else head)
+    if head is None:  # a classifier's new head trains; a causal LM's own lm_head only under head-only training
+        head = tasks.for_model(model).trained_head(model, spec) if getattr(model, "base_model_prefix", None) else []
+    head = list(head)
 
     for p in model.parameters():
         p.requires_grad_(spec.trains_base)

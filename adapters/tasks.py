@@ -182,6 +182,13 @@ TASK_TYPES = {t.name: t for t in [
 CLASSIFICATION = TASK_TYPES["classification"]
 
 
+def for_model(model):
+    """The task type a transformers model is built for: causal-lm for a generative model, else classification
+    (image classifiers behave the same wherever this is asked: their head is new)."""
+    can_generate = getattr(model, "can_generate", None)
+    return TASK_TYPES["causal-lm"] if callable(can_generate) and can_generate() else CLASSIFICATION
+
+
 def get_task_type(name):
     try:
         return TASK_TYPES[name]

@@ -55,7 +55,7 @@ RANGES = dict(epochs=_POSITIVE, max_steps=_AT_LEAST_1, lr=_POSITIVE, lr_ratio=_P
 # Arguments that do not change what a run computes: a resumed run may differ in these only.
 NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress", "report_to", "logging_dir",
                "config")
-CONFIG = "config.yaml"  # the run's resolved configuration, in the checkpoint: `--config` it to rerun the run
+CONFIG = "config.yaml"  # the run's resolved settings, in the checkpoint: `--config` it (with --out) to rerun it
 
 
 def link_boundaries(total_steps, chain_length):
@@ -217,7 +217,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     `report_to`: tensorboard, wandb, trackio, all or none (accelerate's trackers, logs under `logging_dir`, default
     OUT.logs/): at each evaluation the running loss, lr, validation loss and metric and the diagnostics of
     adapters.integrations (intruders, ‖ΔW‖, stable rank, the MI bound so far). `config`: the resolved settings to
-    write into OUT/config.yaml (the CLI passes its own; default: these arguments).
+    write into OUT/config.yaml (the CLI passes its own; default: these arguments), less those in NOT_RESULTS.
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
     Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
     the run has set up successfully.
@@ -293,8 +293,8 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     if state is not None and accelerator.scaler is not None:  # fp16's loss scale goes on where it was
         accelerator.scaler.load_state_dict(state["scaler"])
     eval_rows = the_task.val[:eval_examples]  # mid-run evaluations: validation, never test
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in (config or args).items()
-              if not callable(v) and k != "config"}
+    # What the run computes (not where it writes, nor whether it resumed): the same file for a resumed run.
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in (config or args).items() if k not in NOT_RESULTS}
     diagnose = None
     if trackers:
         accelerator.init_trackers(out.name, config=tracker_config(config))

@@ -267,7 +267,7 @@ def claims(table, taus):
         return (table.get(m, {}).get(key) or {}).get("values")
     out = []
     # "Within a few points of LoRA" is about accuracy; a perplexity has no points to be within.
-    if values("lora", "test_metric") and table["lora"]["metric"] == "accuracy":
+    if values("lora", "test_metric") and table["lora"].get("metric", "accuracy") == "accuracy":
         for m in ("cla", "rcla", "c3la", "rc3la"):
             if values(m, "test_metric"):
                 d = difference(values("lora", "test_metric"), values(m, "test_metric"))
