@@ -208,19 +208,19 @@ def _read_file(path):
     """A CSV, TSV or JSONL file of examples: text/label (classification) or prompt/completion (causal-lm) columns."""
     if not path.is_file():
         raise AdapterError(f"data file not found: {path}")
-    kind = path.suffix.lower()
+    suffix = path.suffix.lower()
     with open(path, encoding="utf-8-sig", newline="") as f:
-        if kind in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="," if kind == ".csv" else "\t")
+        if suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t")
             rows, columns = list(reader), reader.fieldnames or []
-        elif kind == ".jsonl":
+        elif suffix == ".jsonl":
             rows = _read_jsonl(path, f)
             columns = list(dict.fromkeys(k for row in rows for k in row))
         else:
-            raise AdapterError(f"{path}: unknown data file type {kind or '(none)'!r} (use .csv, .tsv or .jsonl)")
+            raise AdapterError(f"{path}: unknown data file type {suffix or '(none)'!r} (use .csv, .tsv or .jsonl)")
     kind = next((t for t, cols in COLUMNS.items() if all(c in columns for c in cols)), None)
-    if kind is None:  # name what is missing for the type the file looks closest to
-        near = max(COLUMNS, key=lambda t: sum(c in columns for c in COLUMNS[t]) - (t != "classification") / 2)
+    if kind is None:  # name what is missing for the type with most of its columns there (a tie: classification)
+        near = max(COLUMNS, key=lambda t: (sum(c in columns for c in COLUMNS[t]), t == "classification"))
         missing = [c for c in COLUMNS[near] if c not in columns]
         raise AdapterError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(columns) or 'none'})")
     if not rows:
