@@ -39,11 +39,13 @@ def save(model, path, *, base_model, base_model_hash, task_type="classification"
     spec = get_method(settings["method"])
     kind = tasks.get_task_type(task_type)
     layers = adapted_layers(model)
-    meta = dict(format_version=FORMAT_VERSION, **settings, task_type=kind.name, scale=settings["alpha"] / settings["rank"],
+    meta = dict(format_version=FORMAT_VERSION, **settings, task_type=kind.name,
+                scale=settings["alpha"] / settings["rank"],
                 link_boundaries=[], selectors={n: l.selectors() for n, l in layers.items() if l.spec.selector},
                 layer_seeds={n: l.seed for n, l in layers.items()},
                 base_model=str(base_model), base_model_hash=base_model_hash,
-                num_labels=model.config.num_labels if kind.new_head else None, bits=torch.finfo(_trained_dtype(model)).bits,
+                num_labels=model.config.num_labels if kind.new_head else None,
+                bits=torch.finfo(_trained_dtype(model)).bits,
                 parameters=trained_parameters(model))
     meta.update(extra_meta or {})
     with atomic_dir(path, overwrite=overwrite) as tmp:
@@ -255,7 +257,7 @@ def _load_base(path, attn_implementation=None):
     meta["head"] = [h for h in meta["head"] if h in dict(model.named_children())]
     expected = meta.get("base_model_hash")
     # The hash leaves out a new (trained) head, as training computed it; a causal LM's own lm_head is pretrained.
-    if expected and models.weights_hash(model, exclude=meta["head"] if kind.new_head else []) != expected:
+    if expected and models.weights_hash(model, exclude=kind.hash_exclude(meta["head"])) != expected:
         raise CheckpointError(f"base model {meta['base_model']} does not match the checkpoint's recorded "
                               f"weights hash ({expected[:12]}…): it was trained on other weights")
     return model, meta

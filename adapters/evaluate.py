@@ -55,14 +55,19 @@ def eval_mode(model):
 
 
 @torch.no_grad()
-def evaluate(model, batches, score=tasks.class_scores):
-    """summary() of `batches` in eval mode."""
+def example_scores(model, batches, score=tasks.class_scores):
+    """Per example, in batch order, (summed loss, units, correct) lists over `batches`, in eval mode."""
     sums, units, correct = [], [], []
     with eval_mode(model):
         for batch in batches:
             for out, values in zip((sums, units, correct), batch_scores(model, batch, score)):
                 out += values.double().tolist()
-    return summary(sums, units, correct)
+    return sums, units, correct
+
+
+def evaluate(model, batches, score=tasks.class_scores):
+    """summary() of `batches` in eval mode."""
+    return summary(*example_scores(model, batches, score))
 
 
 def examples_arg(text):

@@ -72,7 +72,8 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, see
 
     Freezes everything, wraps the target layers in AdaptedLinear, and leaves trainable exactly the
     method's trained scalars plus the task head (`head`: top-level module names; default: a classifier's head, found
-    by `head_modules`; none for a causal LM, whose lm_head is pretrained, unless the method is head-only). `dropout` is LoRA dropout on the adapter path's input (PEFT's lora_dropout).
+    by `head_modules`; none for a causal LM, whose lm_head is pretrained, unless the method is head-only).
+    `dropout` is LoRA dropout on the adapter path's input (PEFT's lora_dropout).
     The settings are kept on the model as `model.adapter_settings`.
     """
     spec = get_method(method)

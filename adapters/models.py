@@ -301,6 +301,14 @@ def _dinov2_name(name, target):
     raise AdapterError(f"ONNX weight {name} has no place in transformers' Dinov2Model")
 
 
+def dinov2_processor(height, width):
+    """DINOv2's preprocessing at a fixed size: bicubic resize, scale to [0, 1], ImageNet mean/std, no crop."""
+    with _quiet_transformers():  # (without torchvision it says it falls back to PIL)
+        return transformers.BitImageProcessor(
+            size={"height": height, "width": width}, do_center_crop=False, resample=3, do_rescale=True,
+            do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
 def _convert_onnx_dinov2(source, out):
     """Save the DINOv2 backbone of an ONNX graph as a transformers Dinov2Model directory plus an image processor
     for the graph's input size (the rest of the graph, a saliency decoder, is left out)."""
@@ -319,10 +327,8 @@ def _convert_onnx_dinov2(source, out):
     height, width = (d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[2:])
     if not (height and width):
         raise AdapterError(f"{source.name}: its input {graph.input[0].name} has no fixed image size")
+    processor = dinov2_processor(height, width)
     with _quiet_transformers():
-        processor = transformers.BitImageProcessor(
-            size={"height": height, "width": width}, do_center_crop=False, resample=3,  # bicubic, as DINOv2
-            do_rescale=True, do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
         model.save_pretrained(out)
         processor.save_pretrained(out)
     return {"input": graph.input[0].name, "image_size": [height, width], "backbone_parameters":
@@ -469,10 +475,7 @@ def tiny_model_dir(path, family="bert", num_labels=2, seed=0):
     if family == "dinov2":
         config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
                                            patch_size=7, image_size=28, layerscale_value=1.0, num_labels=num_labels)
-        with _quiet_transformers():  # (it says it falls back to PIL without torchvision)
-            processor = transformers.BitImageProcessor(
-                size={"height": 28, "width": 28}, do_center_crop=False, resample=3, do_rescale=True,
-                do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+        processor = dinov2_processor(28, 28)
     else:
         # No token_type_ids outside BERT: GPT-2 would add wte[token_type_id] to its inputs, Llama has no such input.
         inputs = {} if family == "bert" else {"model_input_names": ["input_ids", "attention_mask"]}

@@ -165,10 +165,10 @@ class TaskType:
             return heads
         return heads if method.adapter is None and not method.trains_base else []
 
-    def new_modules(self, model):
-        """Modules that are not pretrained (left out of the base weights hash)."""
-        from .models import head_names
-        return head_names(model) if self.new_head else []
+    def hash_exclude(self, head):
+        """What the base weights hash leaves out of a model whose trained head is `head`: a new head (drawn per task
+        and seed), never a model's own, pretrained one."""
+        return list(head) if self.new_head else []
 
 
 TASK_TYPES = {t.name: t for t in [

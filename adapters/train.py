@@ -53,8 +53,7 @@ RANGES = dict(epochs=_POSITIVE, max_steps=_AT_LEAST_1, lr=_POSITIVE, lr_ratio=_P
               head_lr_mult=_POSITIVE, eval_every=_AT_LEAST_1, eval_examples=_AT_LEAST_1, save_every=_AT_LEAST_1,
               save_trajectory=_NON_NEGATIVE)
 # Arguments that do not change what a run computes: a resumed run may differ in these only.
-NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress", "report_to", "logging_dir",
-               "config")
+NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress", "report_to", "logging_dir")
 CONFIG = "config.yaml"  # the run's resolved settings, in the checkpoint: `--config` it (with --out) to rerun it
 
 
@@ -116,12 +115,10 @@ def _eval_split(accelerator, model, rows, processor, max_length, batch_size, kin
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = rows[rank::world]
     order = sorted(range(len(mine)), key=kind.lengths(processor, mine, max_length).__getitem__)
-    scores = [None] * len(mine)  # (summed loss, units, correct) per example
-    with torch.no_grad(), evaluate.eval_mode(model):
-        for batch in evaluate.batches(processor, [mine[i] for i in order], max_length, batch_size, kind):
-            at, order = order[:len(batch["labels"])], order[len(batch["labels"]):]
-            for i, *score in zip(at, *(v.double().tolist() for v in evaluate.batch_scores(model, batch, kind.score))):
-                scores[i] = score
+    batches = evaluate.batches(processor, [mine[i] for i in order], max_length, batch_size, kind)
+    scores = [None] * len(mine)  # (summed loss, units, correct) per example, back in row order
+    for i, score in zip(order, zip(*evaluate.example_scores(model, batches, kind.score))):
+        scores[i] = score
     parts = [scores]
     if world > 1:
         parts = [None] * world
@@ -205,7 +202,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
           grad_clip=1.0, batch_size=16, max_length=64, seed=0, out="ckpt", save_trajectory=0, resume=False,
           overwrite=False, n_train=None, n_val=None, n_test=None, val_fraction=data.VAL_FRACTION, head_lr_mult=None,
           group_by_length=True, eval_every=None, eval_examples=512, save_every=None, dropout=0.0,
-          mixed_precision=None, report_to="none", logging_dir=None, config=None, on_step=None, progress=True):
+          mixed_precision=None, report_to="none", logging_dir=None, on_step=None, progress=True):
     """Fine-tune and write a checkpoint to `out`; returns training_stats (also in out/training_stats.json).
 
     `dropout`: LoRA dropout p on the adapter path (PEFT's lora_dropout). `mixed_precision`: "no", "fp16" or
@@ -216,8 +213,8 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     head-only). `group_by_length`: batches of similar length (less padding, same examples per epoch).
     `report_to`: tensorboard, wandb, trackio, all or none (accelerate's trackers, logs under `logging_dir`, default
     OUT.logs/): at each evaluation the running loss, lr, validation loss and metric and the diagnostics of
-    adapters.integrations (intruders, ‖ΔW‖, stable rank, the MI bound so far). `config`: the resolved settings to
-    write into OUT/config.yaml (the CLI passes its own; default: these arguments), less those in NOT_RESULTS.
+    adapters.integrations (intruders, ‖ΔW‖, stable rank, the MI bound so far). OUT/config.yaml records these
+    arguments, less those in NOT_RESULTS (the CLI's flags are exactly these arguments).
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
     Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
     the run has set up successfully.
@@ -244,9 +241,10 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     tasks.check_model(kind, model, models.model_family(model))
     processor = models.load_processor(model)
     net = models.load_model(model, num_labels=len(the_task.labels or ()), seed=seed, auto_class=kind.auto_class)
-    base_hash = models.weights_hash(net, exclude=kind.new_modules(net))
+    head = kind.trained_head(net, spec)
+    base_hash = models.weights_hash(net, exclude=kind.hash_exclude(head))
     apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed, dropout=dropout,
-          head=kind.trained_head(net, spec))
+          head=head)
     if head_lr_mult is None:  # the paper's 10x is for a new head; a pretrained one (an LM's) trains at the base lr
         head_lr_mult = spec.head_lr_mult if kind.new_head else 1.0
     groups = param_groups(net, lr, weight_decay, lr_ratio, head_lr_mult)
@@ -294,7 +292,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         accelerator.scaler.load_state_dict(state["scaler"])
     eval_rows = the_task.val[:eval_examples]  # mid-run evaluations: validation, never test
     # What the run computes (not where it writes, nor whether it resumed): the same file for a resumed run.
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in (config or args).items() if k not in NOT_RESULTS}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in NOT_RESULTS}
     diagnose = None
     if trackers:
         accelerator.init_trackers(out.name, config=tracker_config(config))
@@ -402,8 +400,9 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
         device=str(accelerator.device), **precision, versions=_versions())
     if accelerator.is_main_process:
-        task_meta = dict(name=the_task.name, type=kind.name, data=str(Path(data_file).resolve()) if data_file else None,
-                         labels=the_task.labels, max_length=max_length, n_train=n_train, n_val=n_val, n_test=n_test,
+        task_meta = dict(name=the_task.name, type=kind.name,
+                         data=str(Path(data_file).resolve()) if data_file else None, labels=the_task.labels,
+                         max_length=max_length, n_train=n_train, n_val=n_val, n_test=n_test,
                          val_fraction=val_fraction, sha256=the_task.sha256)
         hyper = dict(lr=lr, lr_ratio=lr_ratio if lr_ratio is not None else (
             spec.adapter.lr_ratio if spec.adapter else 1.0),
@@ -420,8 +419,9 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             p, yaml.safe_dump(config, sort_keys=False))}
         if snapshots:
             files["trajectory"] = write_trajectory
-        checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name, overwrite=overwrite,
-                        extra_meta=dict(link_boundaries=boundaries, task=task_meta, training=hyper), files=files)
+        checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name,
+                        overwrite=overwrite, files=files,
+                        extra_meta=dict(link_boundaries=boundaries, task=task_meta, training=hyper))
         shutil.rmtree(partial, ignore_errors=True)
     if trackers:
         log_scalars(accelerator, {f"final/{k}": v for k, v in stats.items()
@@ -499,7 +499,7 @@ def _parser():
 def main(argv=None):
     from .integrations import parse_args_with_config
     args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
-    stats = train(**args, config=args)  # checks every argument before it writes anything
+    stats = train(**args)  # checks every argument before it writes anything
     summary = {k: stats[k] for k in ("n_train", "n_val", "n_test", "train_loss", "val_loss", "test_loss",
                                      "train_metric", "val_metric", "test_metric", "generalization_gap",
                                      "median_step_time_s")}

@@ -204,7 +204,8 @@ def run(ckpt, **settings):
     loss, grad = op.gradient()
     result = {"checkpoint": ckpt, "method": meta.get("method"),
               "settings": {k: v for k, v in s.items() if k not in ("out", "progress", "device", "formats")},
-              "examples": sum(len(b["labels"]) for b in batches), "loss_units": op.count, "loss": loss, "grad_norm": float(grad.norm()), "space_tensors": len(named),
+              "examples": sum(len(b["labels"]) for b in batches), "loss_units": op.count, "loss": loss,
+              "grad_norm": float(grad.norm()), "space_tensors": len(named),
               **space}
     result.update(spectrum(op, **{k: s[k] for k in ("top_k", "trace", "density", "seed", "max_iter", "tol",
                                                    "trace_method", "trace_samples", "density_steps",

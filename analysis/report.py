@@ -232,7 +232,7 @@ def summary(records, matrices, selection=None):
                 t: aggregate([r["intruders"]["by_type"][t]["mean_intruders"] for r in runs if r["intruders"]])
                 for t in sorted(types)})
         row["trained_parameters"] = runs[0]["bounds"]["trained_parameters"]
-        row["metric"] = runs[0]["stats"].get("metric", "accuracy")  # the task's: accuracy, or a causal LM's perplexity
+        row["metric"] = runs[0]["stats"].get("metric", "accuracy")  # the task's: accuracy, or an LM's perplexity
         row["vacuous"] = any(r["bounds"]["vacuous"] for r in runs)
         row["seeds"] = sorted(r["seed"] for r in runs)
         lrs = sorted({r["lr"] for r in runs if r["lr"] is not None})
@@ -267,7 +267,7 @@ def claims(table, taus):
         return (table.get(m, {}).get(key) or {}).get("values")
     out = []
     # "Within a few points of LoRA" is about accuracy; a perplexity has no points to be within.
-    if values("lora", "test_metric") and table["lora"].get("metric", "accuracy") == "accuracy":
+    if values("lora", "test_metric") and _metric(table) == "accuracy":
         for m in ("cla", "rcla", "c3la", "rc3la"):
             if values(m, "test_metric"):
                 d = difference(values("lora", "test_metric"), values(m, "test_metric"))
@@ -326,9 +326,14 @@ def _lr(row):
     return "n/a" if lr is None else f"{lr:g}" if not isinstance(lr, list) else ", ".join(f"{x:g}" for x in lr)
 
 
+def _metric(table):
+    """The study's task metric (every run of a study has one task): accuracy, or a causal LM's perplexity."""
+    return next(iter(table.values()), {}).get("metric", "accuracy")
+
+
 def _columns(table, columns):
     """The columns, the test metric's named after the task's own (accuracy is "test acc.")."""
-    metric = next(iter(table.values()), {}).get("metric", "accuracy")
+    metric = _metric(table)
     return [(k, f"test {metric}" if k == "test_metric" and metric != "accuracy" else c) for k, c in columns]
 
 
@@ -479,7 +484,7 @@ def plot_outcomes(table, out, formats):
         ax.bar(range(len(methods)), [c["mean"] for c in cells], yerr=[c["std"] or 0 for c in cells],
                color=[style.color(m) for m in methods], capsize=2)
         ax.set_xticks(range(len(methods)), [style.label(m) for m in methods], rotation=60, ha="right")
-        ax.set_ylabel(OUTCOMES[key][0] if key != "test_metric" else f"test {table[methods[0]]['metric']}")
+        ax.set_ylabel(OUTCOMES[key][0] if key != "test_metric" else f"test {_metric(table)}")
     axes[0].set_ylim(min(table[m]["test_metric"]["mean"] for m in methods) - 0.05, None)
     fig.suptitle("mean over seeds; error bars: sample standard deviation", fontsize=8)
     return style.save(fig, out, "outcomes", formats)

@@ -159,7 +159,8 @@ def _diagnose_job(run, which, budget):
 
 def select_lr(runs, method, grid, seed, by):
     """The lr of `grid` whose `seed` run scores best on validation: the best val_metric (highest accuracy, lowest
-    perplexity; ties: lowest val_loss), or lowest val_loss. Returns {"lr", "grid", "by", "scores": {lr: score}, "val_loss": {lr: loss}, "at_edge"}."""
+    perplexity; ties: lowest val_loss), or lowest val_loss.
+    Returns {"lr", "grid", "by", "scores": {lr: score}, "val_loss": {lr: loss}, "at_edge"}."""
     import json
     stats = {lr: json.loads((run_dir(runs, method, seed, lr) / "training_stats.json").read_text()) for lr in grid}
     missing = [lr for lr, st in stats.items() if st.get("val_loss") is None]

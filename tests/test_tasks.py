@@ -263,7 +263,7 @@ def test_lm_two_cpu_processes_agree_with_one(tmp_path, tiny):
     ddp = _torchrun(args, Path(__file__).parents[1])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, stats = _run(tmp_path, tiny, "lm", "c3la", name="one")
-    a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (one, tmp_path / "ddp"))
     for k in a:  # float noise of two half batches padded each to its own longest row (see test_train's DDP test)
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert adapters.read_stats(tmp_path / "ddp")["test_loss"] == pytest.approx(stats["test_loss"], rel=1e-5)
