@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import checkpoint, models
+from . import checkpoint, models, tasks
 from .errors import AdapterError
 from .inject import adapted_layers, next_link, param_groups, trained_parameters
 from .tasks import class_scores
@@ -116,7 +116,8 @@ def base_weights_hash(model):
     """models.weights_hash of the pretrained weights, from a model adapters.apply already wrapped.
 
     Exact for every LoRA-family method (W0 is frozen) and, before training starts, for fft."""
-    return models.weights_hash(_Unadapted(model), exclude=model.adapter_settings["head"])
+    kind = tasks.for_model(model)  # a causal LM's own lm_head is part of the base; a new head is not
+    return models.weights_hash(_Unadapted(model), exclude=kind.hash_exclude(model.adapter_settings["head"]))
 
 
 # ---------------------------------------------------------------- diagnostics of the current weights
@@ -321,10 +322,11 @@ class AdaptersCallback(TrainerCallback):
 
     def write(self, model, path, state):
         """Our checkpoint directory of the model as it is now (adapters.load reads it)."""
-        checkpoint.save(_unwrap(model), path, base_model=self.base_model, base_model_hash=self.base_hash,
-                        overwrite=True, extra_meta=dict(link_boundaries=self.boundaries,
-                                                        trainer=dict(global_step=state.global_step,
-                                                                     max_steps=state.max_steps)))
+        model = _unwrap(model)
+        checkpoint.save(model, path, base_model=self.base_model, base_model_hash=self.base_hash,
+                        task_type=tasks.for_model(model).name, overwrite=True,
+                        extra_meta=dict(link_boundaries=self.boundaries,
+                                        trainer=dict(global_step=state.global_step, max_steps=state.max_steps)))
 
 
 # ---------------------------------------------------------------- accelerate trackers (--report-to)

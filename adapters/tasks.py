@@ -183,10 +183,14 @@ CLASSIFICATION = TASK_TYPES["classification"]
 
 
 def for_model(model):
-    """The task type a transformers model is built for: causal-lm for a generative model, else classification
-    (image classifiers behave the same wherever this is asked: their head is new)."""
+    """The task type a transformers model is built for: causal-lm for a generative model, image-classification for
+    one that takes pixel_values, else classification."""
     can_generate = getattr(model, "can_generate", None)
-    return TASK_TYPES["causal-lm"] if callable(can_generate) and can_generate() else CLASSIFICATION
+    if callable(can_generate) and can_generate():
+        return TASK_TYPES["causal-lm"]
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        return TASK_TYPES["image-classification"]
+    return CLASSIFICATION
 
 
 def get_task_type(name):

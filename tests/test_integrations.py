@@ -120,6 +120,33 @@ def test_every_method_trains_and_the_trainer_checkpoint_loads_with_the_same_logi
             torch.testing.assert_close(adapters.load(path)(**batch).logits, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["c3la", "head"])
+def test_a_causal_lm_trainer_checkpoint_is_a_causal_lm_checkpoint(tmp_path, method):
+    """The callback's checkpoint of a causal LM records its task type: adapters.load rebuilds a causal LM (with its
+    own, pretrained lm_head in the base hash) and gives the trained model's logits."""
+    from adapters.tasks import TASK_TYPES
+    lm = TASK_TYPES["causal-lm"]
+    path = models.tiny_model_dir(tmp_path / "llama", "llama")
+    model = models.load_model(path, auto_class=lm.auto_class)
+    adapters.apply(model, method, **(dict(rank=RANK, alpha=2 * RANK, chain_length=3) if method == "c3la" else {}))
+    tok = models.load_processor(path)
+    rows = data.load_task("movie-dialog", n_train=16).train
+    targs = TrainingArguments(str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                              remove_unused_columns=False, report_to="none", save_strategy="no", use_cpu=True,
+                              disable_tqdm=True)
+    trainer = Trainer(model, targs, train_dataset=rows, data_collator=lm.collate(tok, MAX_LENGTH),
+                      optimizer_cls_and_kwargs=integrations.optimizer(targs))
+    integrations.AdaptersCallback.attach(trainer)
+    trainer.train()
+    out = tmp_path / "out" / "adapters"
+    assert adapters.read_meta(out)["task_type"] == "causal-lm" and adapters.read_meta(out)["head"] == (
+        ["lm_head"] if method == "head" else [])
+    batch = {k: v for k, v in lm.encode(tok, rows[:4], MAX_LENGTH).items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(adapters.load(out)(**batch).logits, model.eval()(**batch).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_links_end_at_optimizer_steps_under_gradient_accumulation_and_bf16_autocast(tiny_dir, task, tmp_path):
     trainer = _trainer(tiny_dir, task, tmp_path, max_steps=3, per_device_train_batch_size=4,
                        gradient_accumulation_steps=2, bf16=True, callback=dict(diagnostics=True))
