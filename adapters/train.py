@@ -479,6 +479,8 @@ def _parser():
     p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches instead of batches of similar length")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 5 per run)")
+    p.add_argument("--eval-examples", type=int, default=512,
+                   help="validation examples each mid-run evaluation uses (the final one uses every split in full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt")
     p.add_argument("--overwrite", action="store_true")

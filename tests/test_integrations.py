@@ -355,7 +355,11 @@ def test_adapters_train_config_file_equals_its_flags_and_writes_the_resolved_con
     assert a.read_bytes() == b.read_bytes()
     resolved = yaml.safe_load((tmp_path / "file" / "config.yaml").read_text())
     assert resolved["lr"] == 1e-2 and resolved["chain_length"] == 3 and "out" not in resolved  # what it computes
-    # The resolved config reruns the run.
+    # The resolved config reruns the run: every argument of train() that shapes a run is a flag of the CLI.
+    import inspect
+    from adapters.train import NOT_RESULTS, _parser
+    flags = {a.dest for a in _parser()._actions}
+    assert set(inspect.signature(train).parameters) - flags <= set(NOT_RESULTS)
     assert main(["--config", str(tmp_path / "file" / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == a.read_bytes()
     capsys.readouterr()
