@@ -1,4 +1,6 @@
-"""adapters: every LoRA-family method of "Beyond LoRA" (and its baselines) on any torch model.
+"""adapters, the ground floor: every method of "Beyond LoRA" (the sparse variants and their baselines) on any
+transformers model, trained (adapters.train, or a Trainer with adapters.callback) into a checkpoint directory that
+holds everything the floors above need; it imports nothing from bounds/ or analysis/.
 
     import adapters
     adapters.apply(model, "cla", rank=16, alpha=32)      # inject + freeze; the model trains cLA

@@ -1,33 +1,21 @@
-"""One paper style for every figure: fonts, sizes, a fixed colour and label per method.
+"""One paper style for every figure: fonts, sizes, a fixed colour and line style per method.
 
 Every plotting function in analysis/ calls `use()` and takes colours/labels from here, so a method
-has the same colour in the spectral, landscape and report figures.
+has the same colour in the spectral, landscape and report figures (labels and order: the registry's).
 """
 import matplotlib
 
 matplotlib.use("Agg")  # figures are files; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Paper names, in the order the paper's tables list them (full FT, LoRA family, sparse variants).
-METHOD_LABELS = {
-    "fft": "Full FT", "head": "Head only",
-    "lora": "LoRA", "lora_plus": "LoRA+", "asym": "Asym-LoRA", "cola": "CoLA", "rac": "RAC",
-    "paca": "PaCA", "dpaca": "dPaCA",
-    "cla": "cLA", "rcla": "random cLA", "c3la": "c3LA", "rc3la": "random c3LA",
-}
-METHOD_GROUPS = {
-    "full FT": ["fft", "head"],
-    "LoRA family": ["lora", "lora_plus", "asym", "cola", "rac", "paca", "dpaca"],
-    "sparse variants": ["cla", "rcla", "c3la", "rc3la"],
-}
+from adapters.methods import GROUPS, LABELS, METHODS, label, paper_order as method_order  # noqa: E402,F401
+
+# Labels, groups and order are the registry's (adapters.methods); colours and line styles are the figures'.
+METHOD_LABELS, METHOD_GROUPS = LABELS, GROUPS
 _palette = plt.get_cmap("tab20").colors
 METHOD_COLORS = {m: _palette[i % len(_palette)] for i, m in enumerate(METHOD_LABELS)}
 # Chained methods are dashed so the chained/non-chained contrast of the paper reads at a glance.
-CHAINED = {"cola", "rac", "c3la", "rc3la"}
-
-
-def label(method):
-    return METHOD_LABELS.get(method, method)
+CHAINED = {name for name, m in METHODS.items() if m.adapter is not None and m.adapter.chained}
 
 
 def color(method):
@@ -36,12 +24,6 @@ def color(method):
 
 def linestyle(method):
     return "--" if method in CHAINED else "-"
-
-
-def method_order(methods):
-    """Sort method names in the paper's table order; unknown names go last, alphabetically."""
-    order = list(METHOD_LABELS)
-    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 def use():

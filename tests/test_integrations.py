@@ -1,5 +1,5 @@
-"""adapters.integrations: a stock transformers Trainer trains every method, saves our checkpoints, resumes a chain
-mid-run, logs the diagnostics to TensorBoard; accelerate trackers; --config FILE.yaml."""
+"""adapters.callback: a stock transformers Trainer trains every method, saves our checkpoints, resumes a chain
+mid-run, logs a monitor's values (analysis.monitor) to TensorBoard; accelerate trackers; --config FILE.yaml."""
 import json
 import math
 from pathlib import Path
@@ -10,9 +10,11 @@ import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import adapters
-from adapters import data, integrations, models
+from adapters import callback, data, models, tracking
+from adapters.config import parse_args_with_config
 from adapters.errors import AdapterError, ArgumentParser
 from adapters.train import train
+from analysis import monitor
 
 RANK, STEPS, BATCH, MAX_LENGTH, LR = 4, 9, 8, 32, 1e-2
 TASK = dict(n_train=48, n_val=8, n_test=8)
@@ -58,7 +60,7 @@ def _epoch_order(rows, epochs):
     return [rows[i] for loader in loaders for batch in loader for i in batch.tolist()]
 
 
-def _trainer(tiny_dir, task, out, model=None, *, max_steps=STEPS, callback=None, eval_dataset=None, **args):
+def _trainer(tiny_dir, task, out, model=None, *, max_steps=STEPS, attach=None, eval_dataset=None, **args):
     model = model if model is not None else _model(tiny_dir)
     settings = dict(max_steps=max_steps, per_device_train_batch_size=BATCH, learning_rate=LR, warmup_steps=0,
                     lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch",
@@ -67,8 +69,8 @@ def _trainer(tiny_dir, task, out, model=None, *, max_steps=STEPS, callback=None,
     targs = TrainingArguments(str(out), **{**settings, **args})
     trainer = Trainer(model, targs, train_dataset=_epoch_order(task.train, 2), eval_dataset=eval_dataset,
                       data_collator=_collate(models.load_tokenizer(tiny_dir)),
-                      optimizer_cls_and_kwargs=integrations.optimizer(targs))
-    integrations.AdaptersCallback.attach(trainer, **(callback or {}))
+                      optimizer_cls_and_kwargs=callback.optimizer(targs))
+    callback.AdaptersCallback.attach(trainer, **(attach or {}))
     return trainer
 
 
@@ -135,8 +137,8 @@ def test_a_causal_lm_trainer_checkpoint_is_a_causal_lm_checkpoint(tmp_path, meth
                               remove_unused_columns=False, report_to="none", save_strategy="no", use_cpu=True,
                               disable_tqdm=True)
     trainer = Trainer(model, targs, train_dataset=rows, data_collator=lm.collate(tok, MAX_LENGTH),
-                      optimizer_cls_and_kwargs=integrations.optimizer(targs))
-    integrations.AdaptersCallback.attach(trainer)
+                      optimizer_cls_and_kwargs=callback.optimizer(targs))
+    callback.AdaptersCallback.attach(trainer)
     trainer.train()
     out = tmp_path / "out" / "adapters"
     assert adapters.read_meta(out)["task_type"] == "causal-lm" and adapters.read_meta(out)["head"] == (
@@ -149,7 +151,7 @@ def test_a_causal_lm_trainer_checkpoint_is_a_causal_lm_checkpoint(tmp_path, meth
 
 def test_links_end_at_optimizer_steps_under_gradient_accumulation_and_bf16_autocast(tiny_dir, task, tmp_path):
     trainer = _trainer(tiny_dir, task, tmp_path, max_steps=3, per_device_train_batch_size=4,
-                       gradient_accumulation_steps=2, bf16=True, callback=dict(diagnostics=True))
+                       gradient_accumulation_steps=2, bf16=True, attach=dict(monitor=monitor.Diagnostics()))
     trainer.train()
     assert trainer.state.global_step == 3 and trainer.callback_handler.callbacks[-1].boundaries == [1, 2]
     for name, layer in adapters.inject.adapted_layers(trainer.model).items():
@@ -191,7 +193,8 @@ def test_diagnostics_reach_tensorboard_through_report_to(tiny_dir, task, tmp_pat
     batches = [_collate(models.load_tokenizer(tiny_dir))(task.train[:16])]
     trainer = _trainer(tiny_dir, task, tmp_path, model, max_steps=6, report_to=["tensorboard"], logging_steps=2,
                        eval_strategy="steps", eval_steps=3, eval_dataset=task.val,
-                       callback=dict(diagnostics=True, lanczos_every=2, lanczos_batches=batches, lanczos_steps=4))
+                       attach=dict(monitor=monitor.Diagnostics(lanczos_every=2, lanczos_batches=batches,
+                                                               lanczos_steps=4)))
     trainer.train()
     events = sorted(tmp_path.rglob("events.out.tfevents.*"))
     assert events
@@ -209,7 +212,7 @@ def test_diagnostics_reach_tensorboard_through_report_to(tiny_dir, task, tmp_pat
     assert scalars["train/adapters/mi_bound"][-1][1] == pytest.approx(mi_bound(1602, n, 1.0, 32), rel=1e-6)
     assert [s for s, _ in scalars["train/adapters/lambda_max"]] == [2, 4, 6]  # the costly one every 2 steps
     assert all(math.isfinite(v) and v > 0 for _, v in scalars["train/adapters/lambda_max"])
-    final = integrations.diagnostics(model, n_examples=n)  # the last logged values are those of the final weights
+    final = monitor.diagnostics(model, n_examples=n)  # the last logged values are those of the final weights
     assert scalars["train/adapters/intruders_total"][-1] == (6, final["adapters/intruders_total"])
     assert scalars[f"train/adapters/delta_norm/{layers[0]}"][-1][1] == pytest.approx(
         final[f"adapters/delta_norm/{layers[0]}"], rel=1e-6)
@@ -220,16 +223,16 @@ def test_accelerate_trackers_log_the_same_diagnostics(tiny_dir, tmp_path):
     from accelerate.state import AcceleratorState
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert integrations.tracker_names("none") == [] and integrations.tracker_names(["tensorboard"]) == ["tensorboard"]
-    assert "tensorboard" in integrations.tracker_names("all")
+    assert tracking.tracker_names("none") == [] and tracking.tracker_names(["tensorboard"]) == ["tensorboard"]
+    assert "tensorboard" in tracking.tracker_names("all")
     with pytest.raises(AdapterError, match="unknown --report-to 'tensorbored'"):
-        integrations.tracker_names("tensorbored")
+        tracking.tracker_names("tensorbored")
     model = _model(tiny_dir)
     AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=True, log_with=integrations.tracker_names("tensorboard"), project_dir=str(tmp_path))
-    accelerator.init_trackers("run", config=integrations.tracker_config(dict(method="c3la", targets=None, rank=4)))
-    values = integrations.Diagnostics(["intruders", "mi_bound"], n_examples=48)(model, 0)
-    integrations.log_scalars(accelerator, values, step=0)
+    accelerator = Accelerator(cpu=True, log_with=tracking.tracker_names("tensorboard"), project_dir=str(tmp_path))
+    accelerator.init_trackers("run", config=tracking.tracker_config(dict(method="c3la", targets=None, rank=4)))
+    values = monitor.Diagnostics(["intruders", "mi_bound"], n_examples=48)(model, 0)
+    tracking.log_scalars(accelerator, values, step=0)
     accelerator.end_training()
     AcceleratorState._reset_state()
     acc = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
@@ -260,30 +263,32 @@ def test_a_trainer_resumed_mid_chain_ends_where_the_uninterrupted_run_ends(tiny_
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_a_chain_state_cannot_be_loaded_backwards_and_a_wrong_link_is_refused(tiny_dir, task, tmp_path):
+def test_a_chain_state_loads_at_any_link_and_a_wrong_link_is_refused(tiny_dir, task, tmp_path):
     model = _model(tiny_dir)
     adapters.next_link(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    fresh = integrations.resumable(_model(tiny_dir))
+    fresh = callback.resumable(_model(tiny_dir))
     fresh.load_state_dict(state)  # link 1 -> 2 by replay
     assert all(layer.link == 1 for layer in adapters.inject.adapted_layers(fresh).values())
     adapters.next_link(model)
-    with pytest.raises(AdapterError, match="only folded forward"):
-        integrations.resumable(model).load_state_dict(state)
+    callback.resumable(model).load_state_dict(state)  # link 3 -> 2: an earlier evaluation's (load_best_model_at_end)
+    assert all(layer.link == 1 for layer in adapters.inject.adapted_layers(model).values())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    adapters.next_link(model)
     trainer = _trainer(tiny_dir, task, tmp_path, model)  # a model already at link 3 for a run starting at step 0
     with pytest.raises(AdapterError, match="at link 3 but step 0"):
         trainer.train()
 
 
 def test_given_link_boundaries_are_used_and_bad_ones_refused(tiny_dir, task, tmp_path):
-    trainer = _trainer(tiny_dir, task, tmp_path, max_steps=5, callback=dict(boundaries=[1, 4], save=False))
+    trainer = _trainer(tiny_dir, task, tmp_path, max_steps=5, attach=dict(boundaries=[1, 4], save=False))
     folds = []
     trainer.add_callback(type("Record", (TrainerCallback,), {"on_step_end": lambda self, args, state, control, model,
                               **kw: folds.append(next(iter(adapters.inject.adapted_layers(model).values())).link)})())
     trainer.train()
     assert folds == [1, 1, 1, 2, 2]
     for bad in ([4, 1], [1], [0, 2], [2, 5]):
-        trainer = _trainer(tiny_dir, task, tmp_path, max_steps=5, callback=dict(boundaries=bad, save=False))
+        trainer = _trainer(tiny_dir, task, tmp_path, max_steps=5, attach=dict(boundaries=bad, save=False))
         with pytest.raises(AdapterError, match="boundaries must be 2 increasing steps in 1..4"):
             trainer.train()
 
@@ -308,17 +313,17 @@ def test_a_config_file_and_the_same_flags_give_the_same_run_and_flags_override_t
                       "no_group_by_length: true\nout: runs/a\n")
     flags = ["--method", "c3la", "--rank", "8", "--lr", "1e-3", "--chain-length", "3", "--targets", "query", "value",
              "--seeds", "1", "--no-group-by-length", "--out", "runs/a"]
-    from_file = integrations.parse_args_with_config(_parser(), ["--config", str(config)])
-    assert from_file == integrations.parse_args_with_config(_parser(), flags) == vars(_parser().parse_args(flags))
+    from_file = parse_args_with_config(_parser(), ["--config", str(config)])
+    assert from_file == parse_args_with_config(_parser(), flags) == vars(_parser().parse_args(flags))
     assert from_file["lr"] == 1e-3 and from_file["group_by_length"] is False and from_file["seeds"] == [1]
-    over = integrations.parse_args_with_config(_parser(), ["--rank", "2", f"--config={config}", "--seeds", "3", "4"])
+    over = parse_args_with_config(_parser(), ["--rank", "2", f"--config={config}", "--seeds", "3", "4"])
     assert over == {**from_file, "rank": 2, "seeds": [3, 4]}
     parser = _parser()
-    integrations.parse_args_with_config(parser, ["--config", str(config)])
+    parse_args_with_config(parser, ["--config", str(config)])
     assert parser.parse_args([]).rank == 16  # the parser's own defaults are left as they were
     resolved = tmp_path / "resolved.yaml"  # the resolved config, as a run writes it, is a config file again
     resolved.write_text(yaml.safe_dump(over))
-    assert integrations.parse_args_with_config(_parser(), ["--config", str(resolved)]) == over
+    assert parse_args_with_config(_parser(), ["--config", str(resolved)]) == over
 
 
 @pytest.mark.parametrize("text, message", [
@@ -334,7 +339,7 @@ def test_a_bad_config_key_is_one_line_naming_the_key(tmp_path, text, message):
     config = tmp_path / "bad.yaml"
     config.write_text(text)
     with pytest.raises(AdapterError, match=message) as e:
-        integrations.parse_args_with_config(_parser(), ["--config", str(config)])
+        parse_args_with_config(_parser(), ["--config", str(config)])
     assert "\n" not in str(e.value)
 
 

@@ -1,0 +1,15 @@
+"""Where a study keeps its runs: the file names and directory names that the study writes and the report reads.
+
+    RUNS/study.json                       the study's settings (written first)
+    RUNS/lr_selection.json                each method's grid, validation scores, chosen lr and final runs
+    RUNS/untrained.json                   the untrained model evaluated on the study's task: the reference
+    RUNS/<method>-lr<lr>-s<seed>/         one checkpoint per run (diagnostics/ beside its files)
+"""
+from pathlib import Path
+
+STUDY_FILE, SELECTION_FILE = "study.json", "lr_selection.json"
+REFERENCE_FILE = "untrained.json"  # the untrained model on the study's task (adapters.evaluate): the reference row
+
+
+def run_dir(runs, method, seed, lr):
+    return Path(runs) / f"{method}-lr{lr:g}-s{seed}"

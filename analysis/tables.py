@@ -1,0 +1,239 @@
+"""The report's tables: Markdown (the report and the README's results section) and LaTeX (booktabs)."""
+from analysis import style
+from bounds.report import VACUOUS, ties_note
+from bounds.stats import LEVEL, MIN_DISTINCT_FOR_TAU, MIN_SEEDS_FOR_INTERVAL
+
+NOT_CONVERGED = "†"
+
+
+def _signed(x):
+    return f"{x:+.3g}"
+
+
+def _interval(c):
+    if c["ci"] is None:
+        return "n/a"
+    how = "bootstrap " if c["kind"] == "tau" else "Welch "
+    return f"{how}{c['level']:.0%} [{_signed(c['ci'][0])}, {_signed(c['ci'][1])}]"
+
+
+def _verdict(c):
+    text = c["verdict"]
+    if c["kind"] == "tost" and c["p"] is not None:
+        text += f" (TOST p = {c['p']:.2g})"
+    if c.get("note"):
+        text += f" ({c['note']})"
+    if c["not_converged"]:
+        text += f"; rests on runs stopped at the cap still improving: {', '.join(c['not_converged'])}"
+    return text
+
+
+def _n(c):
+    """Seeds per side ('3 / 3'); for a τ claim, its methods and their seeds ('11 methods, 3 seeds each')."""
+    if c["kind"] != "tau":
+        return " / ".join(str(n) for n in c["n"])
+    seeds = sorted(set(c["n"]))
+    return f"{len(c['n'])} methods, {'–'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} seeds each"
+
+
+def claim_lines(found):
+    """The claims table: one row per claim, difference = mean(first) − mean(second) as the claim names them."""
+    if not found:
+        return []
+    lines = ["The paper's claims on this study. Difference = first − second (mean over seeds, named in the column). "
+             "Within 3 points: TOST, two one-sided Welch tests at α = 0.05 against a margin of ±0.03 (equivalent: the "
+             "90 % interval inside the margin; different: wholly outside it; else undecided). Direction claims hold "
+             "only when the 95 % interval excludes 0 on the claimed side, fail when it excludes 0 on the other; no "
+             f"interval below n = {MIN_SEEDS_FOR_INTERVAL} seeds (undecided then).", "",
+             "| claim | difference | n | interval | verdict |", "|---|---|---|---|---|"]
+    for c in found:
+        name = c["claim"].replace("|", "\\|")
+        first, second = (f"τ({c['first']})", f"τ({c['second']})") if c["kind"] == "tau" else (c["first"], c["second"])
+        diff = f"{first} − {second} = {_signed(c['diff'])}"
+        lines.append(f"| {name} | {diff} | {_n(c)} | {_interval(c)} | {_verdict(c)} |")
+    counts = {v: sum(c["verdict"] == v for c in found) for v in dict.fromkeys(c["verdict"] for c in found)}
+    return lines + ["", " · ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(found)} claims.", ""]
+
+
+def _fmt(cell, digits=3):
+    if cell is None:
+        return "n/a"
+    text = f"{cell['mean']:.{digits}g}" + (f" ± {cell['std']:.2g}" if cell["std"] is not None else "")
+    return text + (f" {NOT_CONVERGED}" if False in cell.get("converged", []) else "")
+
+
+COLUMNS = [("test_metric", "test acc."), ("gap", "Ĝ"), ("gap_clipped", "Ĝ clipped at b"), ("mi_bound", "MI bound"),
+           ("intruders", "intruders"), ("sharpness", "sharpness W0+ΔW"), ("hessian", "λ_max W0+ΔW")]
+SECOND_VIEW = [("sharpness_trainable", "sharpness (own space)"), ("hessian_trainable", "λ_max (own space)")]
+
+
+def _cell(row, key):
+    return _fmt(row.get(key)) + (f" {VACUOUS}" if key == "mi_bound" and row["vacuous"] else "")
+
+
+def _lr(row):
+    lr = row.get("lr")
+    return "n/a" if lr is None else f"{lr:g}" if not isinstance(lr, list) else ", ".join(f"{x:g}" for x in lr)
+
+
+def task_metric(table):
+    """The study's task metric (every run of a study has one task): accuracy, or a causal LM's perplexity."""
+    return next(iter(table.values()), {}).get("metric", "accuracy")
+
+
+def _columns(table, columns):
+    """The columns, the test metric's named after the task's own (accuracy is "test acc.")."""
+    metric = task_metric(table)
+    return [(k, f"test {metric}" if k == "test_metric" and metric != "accuracy" else c) for k, c in columns]
+
+
+def _rows(table, columns):
+    columns = _columns(table, columns)
+    head = "| method | n | lr | trained scalars | " + " | ".join(c for _, c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 4)]
+    for m, row in table.items():
+        lines.append(f"| {style.label(m)} | {len(row['seeds'])} | {_lr(row)} | {row['trained_parameters']:,} | "
+                     + " | ".join(_cell(row, k) for k, _ in columns) + " |")
+    return lines
+
+
+def _reference_row(reference):
+    """The untrained model's line under the methods (adapters.evaluate on the runs' task and splits): its test metric
+    and Ĝ; it trains nothing and has no diagnostics."""
+    if not reference or not {"train", "test"} <= set(reference["splits"]):
+        return []
+    train, test = reference["splits"]["train"], reference["splits"]["test"]
+    cells = {"test_metric": f"{test['metric']:.3g}", "gap": f"{test['loss'] - train['loss']:.3g}"}
+    return ["| untrained model (reference) | – | – | 0 | " + " | ".join(cells.get(k, "n/a") for k, _ in COLUMNS)
+            + " |"]
+
+
+def _selection_rows(table):
+    """The lr search: each method's grid with its validation scores (extensions marked +), the choice, and how
+    each seed's run ended (best step / stopped at; whether it hit its cap still improving)."""
+    rows = [(m, row) for m, row in table.items() if row.get("lr_selection")]
+    if not rows:
+        return []
+    by = rows[0][1]["lr_selection"]["by"]
+    lines = [f"Learning rates, each chosen on the validation split by {by} (ties: lower validation loss), at the "
+             "first seed; * = the choice; + = a grid point added because the choice was at an edge; ‖ = the choice "
+             "is still at an edge (the search's bound reached). Last column, per seed: the step of the best "
+             "validation evaluation (the weights kept) / the step the run stopped at; \"cap, improving\": it hit its "
+             "cap while still improving (not converged):", "",
+             "| method | grid: validation score | chosen | best / stopped, per seed |", "|---|---|---|---|"]
+    for m, row in rows:
+        sel = row["lr_selection"]
+        added = {f"{e['lr']:g}" for e in sel.get("extensions", [])}
+        grid = " · ".join(f"{'+' if lr in added else ''}{lr}{'*' if float(lr) == sel['lr'] else ''}: {score:.3f}"
+                          for lr, score in sorted(sel["scores"].items(), key=lambda kv: float(kv[0])))
+        ends = " · ".join(_ending(s, c) for s, c in zip(row.get("stopped", []), row.get("converged", [])))
+        lines.append(f"| {style.label(m)} | {grid} | {sel['lr']:g}{' ‖' if sel['at_edge'] else ''} | {ends} |")
+    return lines + [""]
+
+
+def _ending(stopped, converged):
+    """'96 / 160' (best step / stopped at), marked when the run hit its cap still improving."""
+    if stopped.get("stopped_at") is None:
+        return "n/a"
+    return (f"{stopped['best_step'] if stopped['best_step'] is not None else 'n/a'} / {stopped['stopped_at']}"
+            + (" (cap, improving)" if converged is False else ""))
+
+
+def _study_line(study, elapsed=None, executor=None):
+    if not study:
+        return []
+    train = ", ".join(f"{k} {v}" for k, v in (study.get("train") or {}).items())
+    where = ""
+    if elapsed is not None:
+        cpus = f", {executor['cluster_cpus']:g} CPUs" if executor and executor.get("cluster_cpus") else ""
+        where = (f" It took {elapsed / 60:.1f} min from its start to its last result "
+                 f"(executor {(executor or {}).get('executor', 'serial')}{cpus}).")
+    return [f"Study (runs/study.json): model {study.get('model')}, task {study.get('task')}, r = {study.get('rank')}, "
+            f"α = {study.get('alpha')}, chain length k = {study.get('chain_length')} for the chained methods, "
+            f"budget {study.get('budget')}: {train}.{where}", ""]
+
+
+def markdown(table, taus, settings, found=None):
+    """The report in Markdown: the tables, the lr search, the consistency of each diagnostic with Ĝ, the claims
+    (`found`, as analysis.claims decides them) and the notes."""
+    matrices = settings["matrices"]
+    types = sorted({t for row in table.values() if row["intruders"] for t in row["intruders"]["by_type"]})
+    lines = _study_line(settings.get("study"), settings.get("elapsed_seconds"), settings.get("executor")) + [
+        f"Runs: {settings['runs_count']} in {settings['runs']} · σ from loss clip b = {settings['loss_clip']:g} "
+        f"(σ = b/2) · each cell: mean ± sample standard deviation over the n seeds (no ± for n = 1) · "
+        f"training time summed over the runs: {settings['training_seconds'] / 60:.1f} min", "",
+        *_rows(table, COLUMNS), *_reference_row(settings.get("reference")), "",
+        f"Intruders and the W0+ΔW columns are taken on the same {len(matrices)} matrices for every method "
+        f"(those the LoRA-family runs adapt: {', '.join(types) or 'none'}; full FT restricted to them, head-only "
+        "adapts none: n/a); sharpness: mean loss rise at ρ = range along filter-normalised random directions "
+        "(normalised against W0, the same for every method).", "",
+        "Second view, each method's own trainable space as it trained it (B with the scale s in the forward); its "
+        "size differs by method, so these compare curvature of different functions:", "",
+        *_rows(table, SECOND_VIEW), "", *_selection_rows(table)]
+    if types:
+        lines += ["Intruders per matrix type (mean ± std over seeds):", "",
+                  "| method | " + " | ".join(types) + " |", "|" + "---|" * (len(types) + 1)]
+        for m, row in table.items():
+            by = (row["intruders"] or {}).get("by_type", {})
+            lines.append(f"| {style.label(m)} | " + " | ".join(_fmt(by.get(t)) for t in types) + " |")
+        lines.append("")
+    lines += [f"Consistency with the empirical gap Ĝ (Kendall τ-b over methods of the means over seeds; {LEVEL:.0%} "
+              f"percentile bootstrap interval over seeds only when every method has n ≥ {MIN_SEEDS_FOR_INTERVAL}):",
+              "", "| diagnostic | τ | interval | methods | distinct values |", "|---|---|---|---|---|"]
+    for t in taus:
+        tau = "n/a" if t["tau"] is None else f"{t['tau']:+.2f}" if t["informative"] else "not informative"
+        ci = "n/a" if t["interval"] is None or not t["informative"] else \
+            f"[{t['interval'][0]:+.2f}, {t['interval'][1]:+.2f}]"
+        mark = f" {NOT_CONVERGED}" if t["not_converged"] else ""
+        label = t["label"].replace("|", "\\|")  # |N| inside a Markdown table cell
+        lines.append(f"| {label}{mark} | {tau} | {ci} | {len(t['methods'])} | {t['distinct']} |")
+    lines += ["", *claim_lines(found or [])]
+    lines += [f"- {n}" for n in _notes(table, taus)]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(table, taus):
+    notes = []
+    n_min = min((min(t["n"].values()) for t in taus if t["n"]), default=0)
+    if n_min < MIN_SEEDS_FOR_INTERVAL:
+        notes.append(f"No intervals: the fewest seeds of a method is n = {n_min} < {MIN_SEEDS_FOR_INTERVAL}.")
+    if any(not t["informative"] for t in taus):
+        notes.append(f"τ is not informative from fewer than {MIN_DISTINCT_FOR_TAU} distinct values: even τ = ±1 then "
+                     "comes often from a random ordering.")
+    for t in taus:
+        ties = ties_note(t["label"].split(" √")[0], t["distinct"], len(t["methods"]))
+        if ties:
+            notes.append(ties + ".")
+    if any(row["vacuous"] for row in table.values()):
+        notes.append(f"{VACUOUS} vacuous: the MI bound is ≥ b, and the loss clipped to [0, b] has |G| ≤ b for any "
+                     "weights; the bound is about Ĝ clipped at b.")
+    if any(t["not_converged"] for t in taus):
+        notes.append(f"{NOT_CONVERGED} some Lanczos runs did not converge: those λ_max are Ritz values below the "
+                     "true top eigenvalue (hessian.json: lanczos.converged, eigenvalue_residuals).")
+    return notes
+
+
+def _tex(s):
+    return (s.replace("_", r"\_").replace("±", r"$\pm$").replace("Ĝ", r"$\hat G$").replace("λ", r"$\lambda$")
+            .replace(VACUOUS, r"$^\ddagger$").replace(NOT_CONVERGED, r"$^\dagger$").replace("W0+ΔW", r"$W_0+\Delta W$"))
+
+
+def latex(table):
+    """A booktabs table, methods grouped as full FT / LoRA family / sparse variants."""
+    cols = "l" + "r" * (len(COLUMNS) + 2)
+    lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
+             "Method & $n$ & Trained & " + " & ".join(_tex(c) for _, c in _columns(table, COLUMNS)) + r" \\",
+             r"\midrule"]
+    for group, methods in style.METHOD_GROUPS.items():
+        rows = [m for m in methods if m in table]
+        if not rows:
+            continue
+        lines.append(rf"\multicolumn{{{len(COLUMNS) + 3}}}{{l}}{{\emph{{{group}}}}} \\")
+        for m in rows:
+            row = table[m]
+            lines.append(f"{_tex(style.label(m))} & {len(row['seeds'])} & {row['trained_parameters']:,} & "
+                         + " & ".join(_tex(_cell(row, k)) for k, _ in COLUMNS) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", "",
+              r"% mean $\pm$ sample standard deviation over $n$ seeds; $^\ddagger$ vacuous bound; "
+              r"$^\dagger$ Lanczos not converged"]
+    return "\n".join(lines) + "\n"
