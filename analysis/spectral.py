@@ -10,25 +10,41 @@ count does not depend on the signs an SVD routine picks. `--vectors right` uses 
 
     python -m analysis.spectral CKPT [CKPT ...] [--k 10|all] [--eps 0.5] [--sweep]
         [--vectors left|right] [--layers REGEX] [--out DIR] [--formats png,pdf]
+        [--dtype float64|float32|float16] [--device cuda] [--verify-base]
 
 writes DIR/spectral.json and figures (the ε-sweep with --sweep, a layers × module heatmap,
 W0-vs-W spectra of one matrix, total intruders per method), and prints a table. The base
 model's SVDs come from analysis.svd_cache. From Python: `run(paths, ...)` returns the dict.
+
+Scale. A LoRA-family checkpoint streams (adapters.weights): W0 is read matrix by matrix from the base's
+safetensors shards, never as a model. W differs from W0 by B A of rank ≤ k·r (folded links included), so
+for a given k, W's top-k singular triplets come from block Krylov with W0 and B A applied as operators
+(bounds.spectral_norm.top_singular), each ũ_j with a certified bound ‖ũ_j − ±u_j‖ ≤ e_j; c_j is
+1-Lipschitz in u_j, so the max_cos of the record is within e_j (+ the cache's rounding) of the exact
+one, and when every c_j is farther than that from ε and from each ε of the grid the counts are exactly the
+full-SVD definition's. Otherwise the matrix is redone in float64, then by the full path. c_j itself is read
+off the top K0 base vectors when that certifies it (analysis.spectral._prefix_max_cos). k = all is the
+exact full path. fft and head checkpoints are built as a model and take the full path.
 """
 import argparse
 import hashlib
+import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from adapters import weights
 from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
 from adapters.io import write_json
-from analysis import style
-from analysis.svd_cache import SIDES, base_svd, default_dir, svd
+from analysis import style, svd_cache
+from analysis.svd_cache import DTYPES, SIDES, default_dir, svd
+from bounds.spectral_norm import OVERSAMPLE, check_device, lowrank_singular_values, top_singular
 
 # ε over (0, 1] in steps of 0.05, as in the Beyond-LoRA figure.
 EPS_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -67,11 +83,76 @@ def analyse_matrix(name, W0, dW, *, k=10, eps=0.5, side="left", base=None):
     V0, S0 = base if base is not None else svd(W0, side)
     V, S = svd(W0.to(torch.float64) + dW.to(torch.float64), side)
     k = len(S) if k is None else min(k, len(S))
-    c = intruder_cos(V0, V, k)
-    sv_dW = torch.linalg.svdvals(dW.detach().to(torch.float64))
+    c = intruder_cos(V0.to(V.device), V, k)
+    return _record(name, (n, m), c, eps, S0, S, torch.linalg.svdvals(dW.detach().to(torch.float64)))
+
+
+# ---------------------------------------------------------------- the low-rank path
+def analyse_lowrank(name, W0, B, A, *, k=10, eps=0.5, side="left", base, dtype=torch.float32):
+    """analyse_matrix's record for ΔW = B A without a full SVD of W (module docstring, "Scale").
+
+    base: W0's analysis.svd_cache.BaseSVD entry for `side`. dtype: the Krylov's working dtype; a matrix whose
+    counts the certificate leaves undecided is redone in float64, then by the full path.
+    """
+    Wt, Bt, At = (W0, B, A) if side == "left" else (W0.T, A.T, B.T)  # right vectors of W = left ones of Wᵀ
+    n, m = Wt.shape
+    kk = min(k, n, m)
+    if kk + 1 + OVERSAMPLE >= min(n, m):  # the Krylov space would be the whole space: the full path is cheaper
+        return _full(name, W0, B, A, k=k, eps=eps, side=side, base=base)
+    t = None
+    for working in dict.fromkeys((dtype, torch.float64)):  # float64 starts from the float32 run's vectors
+        t = top_singular(Wt, Bt, At, kk, dtype=working, start=None if t is None else t["start"])
+        err = t["vector_error"] + base.rounding
+        c, read = _prefix_max_cos(base, t["U"])
+        c = torch.where(c >= 1 - torch.clamp(err, min=ONE_TOL), torch.ones_like(c), c)
+        if not _undecided(c, err, eps):
+            break
+    else:
+        rec = _full(name, W0, B, A, k=k, eps=eps, side=side, base=base)
+        rec["svd"] = "full (the low-rank certificate left a count undecided)"
+        return rec
+    sv = lowrank_singular_values(B, A)
+    return dict(_record(name, (n, m) if side == "left" else (m, n), c, eps, base.singular_values, t["S"], sv),
+                svd=f"block Krylov ({'float64' if working == torch.float64 else 'float32'}, width {t['width']})",
+                max_cos_error=err.tolist(), base_vectors_read=read)
+
+
+def _full(name, W0, B, A, *, k, eps, side, base):
+    rec = analyse_matrix(name, W0, B.to(torch.float64) @ A.to(torch.float64), k=k, eps=eps, side=side,
+                         base=(base.rows().T.to(W0.device), base.singular_values))
+    return dict(rec, svd="full (torch.linalg.svd, float64)", max_cos_error=None,
+                base_vectors_read=len(base.singular_values))
+
+
+def _prefix_max_cos(base, U):
+    """c_j = max_i |u_jᵀ u0_i| read off as few base vectors as certify it, and how many were read.
+
+    Over the top K0 base vectors, c_top = max |p_i| with p = U0_K0ᵀ u_j; the part of u_j outside their span has
+    norm ρ = √(1 − ‖p‖²), so every remaining |u_jᵀ u0_i| ≤ ρ, and c_j = c_top once ρ ≤ c_top. Else K0 grows
+    (×4) up to all of them. Vectors W shares with W0 are certified early; intruders need most of the base.
+    """
+    total, k = len(base.singular_values), U.shape[1]
+    k0 = min(total, max(4 * k, 32))
+    while True:
+        P = base.rows(k0) @ U
+        c = P.abs().amax(dim=0)
+        rho = torch.sqrt(torch.clamp(1 - P.square().sum(dim=0), min=0))
+        if k0 == total or bool((rho <= c).all()):
+            return c, k0
+        k0 = min(total, 4 * k0)
+
+
+def _undecided(c, err, eps):
+    """Whether some count (at ε or on the grid) could differ for a c_j within its error bar of the threshold."""
+    thresholds = torch.tensor(sorted(set(EPS_GRID) | {eps}), dtype=c.dtype)
+    near = (c[:, None] - thresholds[None, :]).abs() <= err[:, None]
+    return bool((near & (c[:, None] < 1)).any())
+
+
+def _record(name, shape, c, eps, S0, S, sv_dW):
     norm2, fro = float(sv_dW[0]), float(sv_dW.norm())
     return {
-        "name": name, "shape": [n, m], "k": k,
+        "name": name, "shape": list(shape), "k": len(c),
         "intruders": count(c, eps),
         "sweep": sweep(c),
         "max_cos": c.tolist(),
@@ -84,7 +165,8 @@ def analyse_matrix(name, W0, dW, *, k=10, eps=0.5, side="left", base=None):
 
 # ---------------------------------------------------------------- checkpoints
 def _checkpoint_inputs(path):
-    """(method, base hash, [(name, W0, ΔW)]) of a checkpoint; CheckpointError if unreadable."""
+    """(method, base hash, [(name, W0, ΔW)]) of a checkpoint built as a model (fft, head, bases that do not
+    stream); CheckpointError if unreadable."""
     import adapters  # the adapters API (docs/CHECKPOINT.md); imported late, its package may be in flux
 
     path = Path(path)
@@ -97,36 +179,131 @@ def _checkpoint_inputs(path):
     # A plain PEFT LoRA directory records no base hash: key the cache by the W0s themselves.
     h = hashlib.sha256()
     for name, W0, _ in mats:
-        h.update(f"{name}:{tuple(W0.shape)}".encode())
-        h.update(W0.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(f"{name}:{svd_cache.content_hash(W0)}".encode())
     return meta["method"], "w0-sha256:" + h.hexdigest(), mats
 
 
+def _select(names, layers, path):
+    if layers is None:
+        return names
+    chosen = [n for n in names if re.search(layers, n)]
+    if not chosen:
+        example = names[0] if names else "none"
+        raise AdapterError(f"--layers {layers!r} matches none of the {len(names)} adapted matrices "
+                           f"of {path} (e.g. {example!r})")
+    return chosen
+
+
+class _Partial:
+    """Records of one checkpoint's finished matrices, one JSON line each, so an interrupted run resumes per
+    matrix. Keyed by the checkpoint (path, adapter file size and mtime) and the settings; a torn last line
+    (a kill mid-write) is ignored."""
+
+    def __init__(self, directory, path, settings):
+        self.file = None
+        if directory is None:
+            return
+        files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json"))
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        key = hashlib.sha256(json.dumps([str(Path(path).resolve()), stamp, settings]).encode()).hexdigest()[:24]
+        self.file = Path(directory) / ".partial" / f"{key}.jsonl"
+
+    def done(self):
+        out = {}
+        if self.file is not None and self.file.exists():
+            for line in self.file.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                out[rec["record"]["name"]] = rec
+        return out
+
+    def add(self, rec):
+        if self.file is not None:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def finish(self):
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
+            if self.file.parent.exists() and not any(self.file.parent.iterdir()):
+                self.file.parent.rmdir()
+
+
 def analyse_checkpoint(path, *, k=10, eps=0.5, side="left", layers=None, cache_dir=None,
-                       progress=True, inputs=None):
+                       progress=True, inputs=None, cache_dtype="float64", device=None, resume_dir=None,
+                       verify_base=False):
     """Every adapted matrix of one checkpoint (filtered by the `layers` regex) → its record.
 
-    inputs: (method, base hash, matrices) to use instead of reading `path` (tests, callers
-    that already hold the matrices).
+    A low-rank checkpoint streams (adapters.weights): W0 matrix by matrix from the base's safetensors, never the
+    model; fft and head checkpoints (and bases that do not stream) are built as a model. inputs: (method, base
+    hash, matrices) to use instead of reading `path` (tests, callers that already hold the matrices).
+    resume_dir: where finished matrices are kept so a rerun resumes (None: no resume). A streamed checkpoint's
+    result also has `seconds`: {matrix: wall time of reading W0, its base SVD (or cache read) and the analysis}.
     """
-    method, base_hash, mats = inputs if inputs is not None else _checkpoint_inputs(path)
-    if layers is not None:
-        chosen = [t for t in mats if re.search(layers, t[0])]
-        if not chosen:
-            example = mats[0][0] if mats else "none"
-            raise AdapterError(f"--layers {layers!r} matches none of the {len(mats)} adapted matrices "
-                               f"of {path} (e.g. {example!r})")
-        mats = chosen
+    if inputs is None:
+        try:
+            stream = weights.open_stream(path)
+        except weights.NotStreamable:
+            inputs = _checkpoint_inputs(path)
+        else:
+            if verify_base and stream.meta.get("base_model_hash"):
+                weights.verify_base(path)
+            return _analyse_stream(path, stream, k, eps, side, layers, cache_dir, progress, cache_dtype, device,
+                                   resume_dir)
+    method, base_hash, mats = inputs
+    chosen = set(_select([t[0] for t in mats], layers, path))
+    mats = [t for t in mats if t[0] in chosen]
     if not mats:
         raise CheckpointError(f"{path}: no adapted matrices")
     records, hits = [], 0
     for name, W0, dW in tqdm(mats, desc=f"spectral {Path(path).name}", unit="matrix",
                              disable=not progress):
-        V0, S0, hit = base_svd(W0, base_hash, name, side, cache_dir)
+        entry = svd_cache.open_base(W0, base_hash, name, side, cache_dir, cache_dtype, device=device)
+        hits += entry.hit
+        rec = analyse_matrix(name, W0, dW, k=k, eps=eps, side=side, base=(entry.rows().T, entry.singular_values))
+        records.append(dict(rec, svd="full (torch.linalg.svd, float64)", max_cos_error=None,
+                            base_vectors_read=len(entry.singular_values)))
+    return {"path": str(path), "method": method, "base_model_hash": base_hash, "reader": "model",
+            **summarise(records), "base_svd_cache_hits": hits, "layers": records}
+
+
+def _analyse_stream(path, stream, k, eps, side, layers, cache_dir, progress, cache_dtype, device, resume_dir):
+    names = _select(stream.names, layers, path)
+    partial = _Partial(resume_dir, path, [k, eps, side, cache_dtype, names])
+    done = partial.done()
+    records, hits, keys, times = [], 0, [], {}
+    for name in tqdm(names, desc=f"spectral {Path(path).name}", unit="matrix", disable=not progress):
+        if name in done:
+            rec, key, hit, seconds = (done[name][f] for f in ("record", "w0", "hit", "seconds"))
+        else:
+            start = time.perf_counter()
+            W0, B, A = stream.matrix(name)
+            key = svd_cache.content_hash(W0)
+            entry = svd_cache.open_base(W0, stream.meta.get("base_model_hash") or "", name, side, cache_dir,
+                                        cache_dtype, device=device, key=key)
+            hit = entry.hit
+            if device is not None:
+                W0, B, A = W0.to(device), B.to(device), A.to(device)
+            rec = (analyse_lowrank(name, W0, B, A, k=k, eps=eps, side=side, base=entry) if k is not None
+                   else _full(name, W0, B, A, k=k, eps=eps, side=side, base=entry))
+            seconds = time.perf_counter() - start  # reading W0, its base SVD (or the cache), the analysis
+            partial.add({"record": rec, "w0": key, "hit": hit, "seconds": seconds})
+        records.append(rec)
+        times[name] = seconds
+        keys.append((name, key))
         hits += hit
-        records.append(analyse_matrix(name, W0, dW, k=k, eps=eps, side=side, base=(V0, S0)))
-    return {"path": str(path), "method": method, "base_model_hash": base_hash, **summarise(records),
-            "base_svd_cache_hits": hits, "layers": records}
+    base_hash = stream.meta.get("base_model_hash")
+    if not base_hash:  # a plain PEFT LoRA directory records no base hash: the W0s' content stands for it
+        base_hash = "w0-sha256:" + hashlib.sha256("".join(f"{n}:{h}" for n, h in keys).encode()).hexdigest()
+    result = {"path": str(path), "method": stream.meta["method"], "base_model_hash": base_hash, "reader": "stream",
+              **summarise(records), "base_svd_cache_hits": hits, "seconds": times, "layers": records}
+    partial.finish()
+    return result
 
 
 def matrix_type(name):
@@ -149,7 +326,11 @@ def summarise(records):
     return {**over(records), "by_type": {t: over(rs) for t, rs in types.items()}}
 
 
-def _settings(k, eps, sweep_figure, side, layers, formats, spectrum_layer, cache_dir):
+def _settings(k, eps, sweep_figure, side, layers, formats, spectrum_layer, cache_dir, cache_dtype="float64",
+              device=None, verify_base=False):
+    if cache_dtype not in DTYPES:
+        raise AdapterError(f"--dtype must be one of {', '.join(DTYPES)}, got {cache_dtype!r}")
+    check_device(device)
     if not (k is None or (isinstance(k, int) and k >= 1)):
         raise AdapterError(f"k must be a positive integer or 'all', got {k!r}")
     if not 0 < eps <= 1:
@@ -171,28 +352,38 @@ def _settings(k, eps, sweep_figure, side, layers, formats, spectrum_layer, cache
         "k": "all" if k is None else k, "eps": eps, "sweep_figure": sweep_figure,
         "eps_grid": list(EPS_GRID), "vectors": side, "layers": layers,
         "spectrum_layer": spectrum_layer, "formats": list(formats),
-        "svd": "torch.linalg.svd, float64, thin", "one_tolerance": ONE_TOL,
-        "cache_dir": str(cache_dir or default_dir()),
+        "svd": ("torch.linalg.svd, float64, thin" if k is None else
+                "block Krylov on W0 + B A (float32, float64 where needed), each c_j certified to max_cos_error; "
+                "a full float64 SVD where a count stays undecided"),
+        "one_tolerance": ONE_TOL, "cache_dir": str(cache_dir or default_dir()), "cache_dtype": cache_dtype,
+        "device": str(device or "cpu"),
+        "base_check": ("the base's weights hash (--verify-base)" if verify_base else
+                       "none for streamed checkpoints (--verify-base checks the recorded hash)"),
         "definition": "c_j = max_i |<v_j(W), v_i(W0)>| for the top-k singular vectors of "
                       "W = W0 + dW; intruder when c_j < eps",
     }
 
 
 def run(paths, k=10, eps=0.5, sweep=False, vectors="left", layers=None, out=None,
-        formats=("png", "pdf"), spectrum_layer=None, cache_dir=None, progress=True):
+        formats=("png", "pdf"), spectrum_layer=None, cache_dir=None, progress=True, cache_dtype="float64",
+        device=None, verify_base=False):
     """Analyse checkpoints; return the spectral.json dict, and write it + figures to `out` if given.
 
     k: int or "all"/None. sweep: also draw the ε-sweep figure (the sweep counts are always in
-    the JSON). Nothing is written unless every checkpoint was analysed.
+    the JSON). Nothing is written unless every checkpoint was analysed; with `out`, finished matrices are
+    kept under out/.partial/ until then, so a rerun of an interrupted run resumes per matrix.
+    cache_dtype: the base-SVD cache's storage (svd_cache.DTYPES). device: where the SVDs run ("cuda").
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise AdapterError("no checkpoints given")
     k = None if k in (None, "all") else k
-    settings = _settings(k, eps, sweep, vectors, layers, tuple(formats), spectrum_layer, cache_dir)
-    checkpoints = [analyse_checkpoint(p, k=k, eps=eps, side=vectors, layers=layers,
-                                      cache_dir=cache_dir, progress=progress) for p in paths]
+    settings = _settings(k, eps, sweep, vectors, layers, tuple(formats), spectrum_layer, cache_dir, cache_dtype,
+                         device, verify_base)
+    checkpoints = [analyse_checkpoint(p, k=k, eps=eps, side=vectors, layers=layers, cache_dir=cache_dir,
+                                      progress=progress, cache_dtype=cache_dtype, device=device, resume_dir=out,
+                                      verify_base=verify_base) for p in paths]
     result = {"settings": settings, "checkpoints": checkpoints}
     settings["spectrum_matrix"] = _spectrum_matrix(checkpoints, spectrum_layer)
     if out is not None:
@@ -280,10 +471,10 @@ def plot_spectrum(result, out, formats):
         if rec is None:
             continue
         S0, S = np.array(rec["singular_values_W0"]), np.array(rec["singular_values_W"])
-        i = np.arange(1, len(S) + 1)
+        i = np.arange(1, len(S) + 1)  # the low-rank path knows W's top k singular values only
         kw = dict(color=style.color(c["method"]), linestyle=style.linestyle(c["method"]), label=lab)
         ax.plot(i, S, **kw)
-        ax_d.plot(i, S - S0, **kw)
+        ax_d.plot(i, S - S0[:len(S)], **kw)
     ax.plot(np.arange(1, len(S0) + 1), S0, color="black", linewidth=0.9, label="W0")
     ax.set_yscale("log")
     ax.set_xlabel("index i")
@@ -365,6 +556,12 @@ def parser():
     p.add_argument("--out", default="spectral", metavar="DIR", help="output directory (default ./spectral)")
     p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated")
     p.add_argument("--cache-dir", default=None, help="SVD cache ($BEYOND_LORA_CACHE or ~/.cache/beyond-lora/svd)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", dest="cache_dtype",
+                   help="storage of the base-SVD cache: float16 is a quarter of float64's size; a count can then "
+                        "differ only for a c_j within the stored vectors' rounding (about 5e-4) of ε")
+    p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
+    p.add_argument("--verify-base", action="store_true",
+                   help="build the base once to check the checkpoint's recorded weights hash (streaming does not)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -375,7 +572,7 @@ def main(argv=None):
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     result = run(a.checkpoints, k=a.k, eps=a.eps, sweep=a.sweep, vectors=a.vectors, layers=a.layers,
                  out=a.out, formats=formats, spectrum_layer=a.spectrum_layer, cache_dir=a.cache_dir,
-                 progress=not a.no_progress)
+                 progress=not a.no_progress, cache_dtype=a.cache_dtype, device=a.device, verify_base=a.verify_base)
     print(table(result))
     print(f"wrote {Path(a.out) / 'spectral.json'} and {len(result['figures'])} figure files")
     return 0

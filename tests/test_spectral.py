@@ -350,8 +350,9 @@ def test_cli_base_not_found(ckpts, tmp_path, capsys):
 
 
 def test_cli_base_hash_mismatch(ckpts, tmp_path, capsys):
+    """Streaming reads W0 matrix by matrix and cannot check the hash of the whole base: --verify-base does."""
     bad = _edited(ckpts["lora"], tmp_path, base_model_hash="0" * 64)
-    code, io = _cli([str(bad), "--out", str(tmp_path / "o")], capsys)
+    code, io = _cli([str(bad), "--out", str(tmp_path / "o"), "--verify-base"], capsys)
     assert code == 2 and _one_error_line(io.err) and "hash" in io.err
     assert not (tmp_path / "o").exists()
 
