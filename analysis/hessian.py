@@ -2,11 +2,12 @@
 
     python -m analysis.hessian CKPT [--top-k 5] [--trace] [--density] [--space trainable|effective|all]
         [--parametrization trained|folded] [--matrices T ...] [--examples 256] [--split train|test] [--seed S]
-        [--out DIR]
+        [--out DIR] [--task T | --data FILE] [--n-train N] [--n-test N]
 
-H = ∇²L(θ*) over the chosen parameters, L the mean per-example cross-entropy over the examples,
-in eval mode (dropout off). The space and its parametrisation are analysis.spaces': by default the
-method's trained scalars as it trained them (B with the scale s in the forward, not the stored B' = s·B,
+H = ∇²L(θ*) over the chosen parameters, L the task's own loss over the examples (of the checkpoint's recorded
+task, or of --task / --data), in eval mode (dropout off). The space and its parametrisation are
+analysis.spaces': by default the method's trained scalars as it trained them (B with the scale s in the forward,
+not the stored B' = s·B,
 whose curvature is 1/s² as large); `--space effective` takes W0 + ΔW of the compared matrices, the same
 variables for every method. H is never formed: Hessian-vector products come from double backward,
 H v = ∇_θ (∇_θ L · v), accumulated over batches. On top of that (analysis.lanczos): the top-k
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from adapters.errors import AdapterError, ArgumentParser, cli
-from adapters.evaluate import examples_arg
+from adapters.evaluate import TASK_OPTIONS, add_task_arguments, examples_arg, task_options
 from adapters.io import write_json
 from analysis import lanczos, spaces
 from adapters.evaluate import eval_mode
@@ -37,7 +38,7 @@ DEFAULTS = dict(top_k=5, trace=False, density=False, space="trainable", parametr
                 examples=256, split="train",
                 batch_size=32, seed=0, out=None, device=None, cache_graph=False, max_iter=100, tol=1e-4,
                 trace_method="hutchinson", trace_samples=32, density_steps=50, density_runs=3, sigma=None,
-                progress=True, formats=("png", "pdf"))
+                progress=True, formats=("png", "pdf"), **dict.fromkeys(TASK_OPTIONS))
 
 
 @contextmanager
@@ -198,7 +199,9 @@ def run(ckpt, **settings):
     model = adapters.load(ckpt, attn_implementation="eager").eval()
     named, space = spaces.prepare(model, meta, s["space"], s["parametrization"], s["matrices"])
     model.to(device)
-    batches = to_device(ev.checkpoint_batches(ckpt, s["split"], s["examples"], s["batch_size"], s["seed"]), device)
+    data = {k: s[k] for k in TASK_OPTIONS}  # the checkpoint's own task unless --task / --data name one
+    batches = to_device(ev.checkpoint_batches(ckpt, s["split"], s["examples"], s["batch_size"], s["seed"], **data),
+                        device)
     op = HessianOperator(model, [p for _, p in named], batches, cache_graph=s["cache_graph"],
                          score=ev.checkpoint_score(ckpt))
     loss, grad = op.gradient()
@@ -246,9 +249,10 @@ def main(argv=None):
     p.add_argument("--cache-graph", action="store_true",
                    help="keep the gradient graphs in memory: one backward per product instead of three passes")
     p.add_argument("--no-progress", action="store_true")
+    add_task_arguments(p)
     a = p.parse_args(argv)
-    r = run(a.ckpt, cache_graph=a.cache_graph, top_k=a.top_k, trace=a.trace, density=a.density, space=a.space,
-            parametrization=a.parametrization, matrices=a.matrices, examples=a.examples,
+    r = run(a.ckpt, **task_options(a), cache_graph=a.cache_graph, top_k=a.top_k, trace=a.trace, density=a.density,
+            space=a.space, parametrization=a.parametrization, matrices=a.matrices, examples=a.examples,
             split=a.split, batch_size=a.batch_size, seed=a.seed, max_iter=a.max_iter, tol=a.tol,
             trace_method=a.trace_method, trace_samples=a.trace_samples, density_steps=a.density_steps,
             density_runs=a.density_runs, sigma=a.sigma, out=a.out, device=a.device, progress=not a.no_progress)

@@ -3,11 +3,13 @@
     python -m analysis.landscape CKPT [--dims 1|2] [--directions random|pca|to:CKPT2]
         [--space trainable|effective|all] [--parametrization trained|folded] [--matrices T ...]
         [--grid 21] [--range 1.0] [--split train|test] [--examples 256] [--seed S] [--out DIR]
+        [--task T | --data FILE] [--n-train N] [--n-test N]      # a plain PEFT directory: the data to use
 
 f(α, β) = L(θ* + α δ + β η), L the task's own loss over the chosen examples (adapters.tasks: the mean
-per-example cross-entropy of a classifier, the per-token NLL of a causal LM's completions), evaluated in eval
-mode under no_grad. The space and its parametrisation are analysis.spaces': the
-method's trained scalars as it trained them (default), or `--space effective`, W0 + ΔW of the compared
+per-example cross-entropy of a classifier, the per-token NLL of a causal LM's completions) of the checkpoint's
+recorded task, or of --task / --data (a plain PEFT directory records none), evaluated in eval mode under
+no_grad. The space and its parametrisation are analysis.spaces': the method's trained scalars as it trained them
+(default), or `--space effective`, W0 + ΔW of the compared
 matrices, where random directions are filter-normalised against the rows of W0, so every method of one
 base model is perturbed along the very same directions. The segment `to:CKPT2` interpolates the merged
 weights of the two checkpoints, θ(α) = (1 − α) θ_1 + α θ_2 over every tensor: α = 1 is CKPT2 itself even
@@ -31,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
-from adapters.evaluate import eval_mode, examples_arg, logits_of
+from adapters.evaluate import TASK_OPTIONS, add_task_arguments, eval_mode, examples_arg, logits_of, task_options
 from adapters.tasks import class_scores
 from adapters.io import write_json
 from analysis import directions as dirs
@@ -40,7 +42,7 @@ from analysis.spaces import space_parameters  # noqa: F401  (the plain-model spa
 
 DEFAULTS = dict(dims=2, directions="random", space="trainable", parametrization="trained", matrices=None, grid=21, range=1.0, split="train",
                 examples=256, batch_size=32, seed=0, include_1d=False, out=None, fresh=False,
-                device=None, save_every=10, progress=True, formats=("png", "pdf"))
+                device=None, save_every=10, progress=True, formats=("png", "pdf"), **dict.fromkeys(TASK_OPTIONS))
 SPLITS = ("train", "test")
 
 
@@ -238,10 +240,12 @@ def grid_coords(grid, extent):
 
 # ---- sharpness summaries from the grid ------------------------------------------------------
 
-def sharpness(coords, loss, fractions=(0.25, 0.5, 1.0)):
-    """Curvature along each direction at the centre (central second difference on the grid) and
-    the loss rise at radius ρ = fraction × range: mean over the circle (1D: the two points ±ρ),
-    by linear/bilinear interpolation of the grid, and the max over grid points within ρ."""
+def sharpness(coords, loss):
+    """Curvature along each direction at the centre (central second difference on the grid) and the loss rise at
+    every grid radius ρ_k = k·h, from grid points only (nothing interpolated): the mean of f over the grid points
+    at radius ρ_k (1D: ±ρ_k; 2D: the square ring max(|α|, |β|) = ρ_k) and the max over those within ρ_k, which
+    holds the ring, so max_rise ≥ mean_rise. (A radius between grid points has no grid points of its own: a
+    mean there would be interpolated while the max could only look at points nearer the centre.)"""
     loss = np.asarray(loss)
     c = (len(coords[0]) - 1) // 2
     center = float(loss[(c,) * loss.ndim])
@@ -250,26 +254,18 @@ def sharpness(coords, loss, fractions=(0.25, 0.5, 1.0)):
         h = x[c + 1] - x[c]
         line = loss[tuple(slice(None) if a == axis else c for a in range(loss.ndim))]
         curv.append(float((line[c + 1] - 2 * line[c] + line[c - 1]) / h ** 2))
-    extent = coords[0][-1]
+    # The grid index distance of every point from the centre, in the max norm: radius ρ_k holds the points at k.
+    steps = np.max(np.abs(np.stack(np.meshgrid(*(np.arange(len(x)) - c for x in coords), indexing="ij"))), axis=0)
     rises = []
-    for frac in fractions:
-        rho = frac * extent
-        if loss.ndim == 1:
-            mean = (np.interp(rho, coords[0], loss) + np.interp(-rho, coords[0], loss)) / 2
-            within = loss[np.abs(np.asarray(coords[0])) <= rho + 1e-12]
-        else:
-            from scipy.interpolate import RegularGridInterpolator
-            f = RegularGridInterpolator((coords[0], coords[1]), loss)
-            phi = np.linspace(0, 2 * np.pi, 360, endpoint=False)
-            pts = np.stack([rho * np.cos(phi), rho * np.sin(phi)], 1).clip(coords[0][0], coords[0][-1])
-            mean = f(pts).mean()
-            A, B = np.meshgrid(coords[0], coords[1], indexing="ij")
-            within = loss[np.hypot(A, B) <= rho + 1e-12]
-        rises.append({"radius": rho, "mean_rise": float(mean - center), "max_rise": float(within.max() - center)})
+    for k in range(1, c + 1):
+        ring, within = loss[steps == k], loss[steps <= k]
+        rises.append({"radius": float(coords[0][c + k]), "mean_rise": float(ring.mean() - center),
+                      "max_rise": float(within.max() - center), "points": int(ring.size)})
+    ring = "±ρ" if loss.ndim == 1 else "the square ring max(|α|, |β|) = ρ"
     return {"curvature_at_center": curv, "loss_rise": rises,
-            "definition": "curvature: (f(h)−2f(0)+f(−h))/h² along each axis, h = grid step; "
-                          "mean_rise: mean of f on the circle of radius ρ (interpolated) − f(0); "
-                          "max_rise: max of f over grid points within ρ − f(0)"}
+            "definition": "curvature: (f(h)−2f(0)+f(−h))/h² along each axis, h = grid step; at every grid radius "
+                          f"ρ = k·h: mean_rise = mean of f over the grid points at {ring} − f(0); max_rise = max of f "
+                          "over the grid points within ρ − f(0); grid points only, nothing interpolated"}
 
 
 # ---- figures -------------------------------------------------------------------------------
@@ -504,8 +500,9 @@ def run(ckpt, **settings):
             cos = float(f0 @ f1 / (f0.norm() * f1.norm()).clamp_min(1e-30))
         splits = list(SPLITS) if s["dims"] == 1 else [s["split"]]
         splits = [s["split"]] + [x for x in splits if x != s["split"]]
-        batches = {sp: to_device(ev.checkpoint_batches(ckpt, sp, s["examples"], s["batch_size"], s["seed"]), device)
-                   for sp in splits}
+        data = {k: s[k] for k in TASK_OPTIONS}  # the checkpoint's own task unless --task / --data name one
+        batches = {sp: to_device(ev.checkpoint_batches(ckpt, sp, s["examples"], s["batch_size"], s["seed"], **data),
+                                 device) for sp in splits}
         coords = [grid_coords(s["grid"], s["range"])] * s["dims"]
         recorded = {k: v for k, v in s.items() if k not in ("out", "progress", "device", "formats", "fresh",
                                                             "save_every")}
@@ -570,9 +567,10 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="discard partial results from an earlier run")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
+    add_task_arguments(p)
     a = p.parse_args(argv)
-    r = run(a.ckpt, dims=a.dims, directions=a.directions, space=a.space, parametrization=a.parametrization,
-            matrices=a.matrices, grid=a.grid, range=a.range,
+    r = run(a.ckpt, **task_options(a), dims=a.dims, directions=a.directions, space=a.space,
+            parametrization=a.parametrization, matrices=a.matrices, grid=a.grid, range=a.range,
             split=a.split, examples=a.examples, batch_size=a.batch_size, seed=a.seed, include_1d=a.include_1d,
             out=a.out, fresh=a.fresh, device=a.device, progress=not a.no_progress)
     if r.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:

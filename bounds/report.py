@@ -2,7 +2,8 @@
 
 A row holds the MI bound (THEORY.md §1) from the trained-scalar count P of the checkpoint, its
 cross-check against the METHODS.md formula, Theorem 1's Φ_ΔW and Φ_W0 from the spectral norms of
-W0 and ΔW (§2), the paper's form Φ_W0 + sqrt(...), and the empirical gap from training_stats.json.
+W0 and ΔW (§2), the paper's form Φ_W0 + sqrt(...), and the empirical gap from training_stats.json (or
+measured on the data --task / --data name).
 """
 import math
 from pathlib import Path
@@ -11,8 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, CheckpointError
+from adapters.methods import GROUPS as METHOD_GROUPS, label, paper_order as method_order
 from bounds.mi import formula_parameters, is_vacuous, mi_bound, sigma_from_range
-from bounds.spectral_norm import lowrank_spectral_norm, spectral_norm
+from bounds.spectral_norm import check_device, lowrank_spectral_norm, spectral_norm
+from bounds.stats import MIN_DISTINCT_FOR_TAU, kendall_test
 from bounds.theorem1 import theorem1
 
 TRANSFORMER_NOTE = ("Theorem 1 treats the adapted linear maps, in forward order, as one chain with "
@@ -61,37 +64,76 @@ def resolve_sigma(stats, sigma=None, loss_clip=None, sigma_from=None):
 
 # -- the empirical gap of the loss the bound is about ------------------------------------------------
 
-def per_example_losses(path):
-    """{split: (per-example losses, their weights)} of the checkpoint's final weights on its own task (full splits).
+def per_example_losses(path, *, progress=False, device=None, **task_options):
+    """{split: (per-example losses, their weights)} of the checkpoint's final weights on its task (its own, or the
+    one `task_options` name: adapters.evaluate.TASK_OPTIONS), full train and test splits: this runs the model.
 
     An example's loss is its task's: cross-entropy for a classifier (weight 1), the mean NLL of its completion
     tokens for a causal LM (weight: their number), so the weighted mean is the split's loss in training_stats.
     """
+    from adapters.evaluate import checkpoint_data
+    return _evaluated(path, *checkpoint_data(path, **task_options), progress=progress, device=device)
+
+
+def _evaluated(path, spec, the_task, *, progress=False, device=None):
+    import torch
     import adapters
-    from adapters.evaluate import checkpoint_batches, checkpoint_score, evaluate
-    batches = {split: checkpoint_batches(path, split, batch_size=64) for split in ("train", "test")}  # needs a task
-    model, score = adapters.load(path), checkpoint_score(path)
-    results = {split: evaluate(model, b, score) for split, b in batches.items()}
-    return {split: (r["losses"], r["units"]) for split, r in results.items()}
+    from adapters import models
+    from adapters.evaluate import row_scores, summary
+    from adapters.tasks import get_task_type
+    kind, model = get_task_type(spec["type"]), adapters.load(path)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    processor = models.load_processor(adapters.read_meta(path)["base_model"])
+    out = {}
+    for split in ("train", "test"):
+        rows = getattr(the_task, split)
+        r = summary(*zip(*row_scores(model, processor, rows, spec["max_length"], 64, kind, progress=(
+            f"{Path(path).name}: {split} losses ({len(rows)} examples)" if progress else None))))
+        out[split] = (r["losses"], r["units"])
+    return out
 
 
-def clipped_gap(path, stats, b):
+def example_losses(path, *, progress=False, device=None, **task_options):
+    """(per_example_losses, where they come from): those training recorded when they are of these very weights and
+    this split of the same data (adapters.evaluate.recorded_losses), else the model run on both splits."""
+    from adapters.evaluate import checkpoint_data, recorded_losses
+    spec, the_task = checkpoint_data(path, **task_options)
+    losses, why = recorded_losses(path, spec)
+    if losses is not None:
+        return losses, why
+    return _evaluated(path, spec, the_task, progress=progress, device=device), \
+        f"the final weights evaluated on {spec['name']} ({why})"
+
+
+def measured_stats(losses):
+    """What bounds read from training_stats.json (n_train, n_test, {split}_loss, {split}_loss_max, the gap), from
+    per-example losses {split: (losses, weights)}: the split losses are the weighted means, as the task's are."""
+    stats = {}
+    for split, (v, w) in losses.items():
+        stats.update({f"n_{split}": len(v), f"{split}_loss": float(np.average(v, weights=w)),
+                      f"{split}_loss_max": float(max(v))})
+    stats["generalization_gap"] = stats["test_loss"] - stats["train_loss"]
+    return stats
+
+
+def clipped_gap(path, stats, b, *, measured=None, progress=False):
     """(Ĝ_b, how it was obtained): Ĝ_b = mean_test min(ℓ, b) − mean_train min(ℓ, b), the gap of the loss
     the bound holds for (means weighted as the task's loss is). Without a clip (user-given σ) it is None: Ĝ
-    itself is then the gap in question."""
+    itself is then the gap in question. `measured`: (per-example losses, their source) already at hand."""
     if b is None:
         return None, "no clip level: σ is user-given, the bound is about Ĝ itself"
     gap = _gap(stats)
     maxima = [(stats or {}).get(k) for k in ("train_loss_max", "test_loss_max")]
     if gap is not None and None not in maxima and max(maxima) <= b:
         return gap, f"= Ĝ: no per-example loss exceeds b = {b:g} (largest {max(maxima):.4g})"
-    try:
-        losses = per_example_losses(path)
-    except AdapterError as e:  # fabricated or foreign checkpoints: say why there is no value
-        return None, f"not computed (per-example losses need the checkpoint's weights and task: {e})"
+    if measured is None:
+        try:
+            measured = example_losses(path, progress=progress)
+        except AdapterError as e:  # fabricated or foreign checkpoints: say why there is no value
+            return None, f"not computed (per-example losses need the checkpoint's weights and task: {e})"
+    losses, source = measured
     mean = {k: float(np.average(np.minimum(np.asarray(v, dtype=float), b), weights=w)) for k, (v, w) in losses.items()}
-    return mean["test"] - mean["train"], f"per-example losses of the final weights on the checkpoint's task, " \
-                                         f"clipped at b = {b:g}"
+    return mean["test"] - mean["train"], f"per-example losses, {source}; clipped at b = {b:g}"
 
 
 # -- trained scalars -------------------------------------------------------------------------------
@@ -148,20 +190,60 @@ def parameter_counts(path, meta):
 
 # -- Theorem 1 inputs: a_l = ‖W0^l‖₂, b_l = ‖ΔW^l‖₂ ------------------------------------------------
 
-def layer_norms(path):
-    """[(name, a_l, b_l)] in forward order; b_l by the r×r trick where the update is low rank."""
+def layer_norms(path, *, device=None, cache_dir=None):
+    """[(name, a_l, b_l)] in forward order; b_l by the r×r trick where the update is low rank.
+
+    A low-rank checkpoint streams (adapters.weights: W0 matrix by matrix from the base's safetensors, never the
+    model); a_l = ‖W0‖₂ by certified block Krylov (bounds.spectral_norm), kept per W0's content (norm_cache_dir)
+    so an interrupted run resumes per matrix and every checkpoint of one base reuses them. fft and head
+    checkpoints are built as a model (their ΔW is dense).
+    """
     import adapters
-    factors = adapters.lowrank_factors(path)
+    from adapters import weights
+    check_device(device, "--norm-device")
+    try:
+        stream = weights.open_stream(path)
+    except weights.NotStreamable:
+        factors = adapters.lowrank_factors(path)
+        return [(name, base_norm(W0, device=device, cache_dir=cache_dir),
+                 lowrank_spectral_norm(*factors[name]) if name in factors else spectral_norm(dW, device=device))
+                for name, W0, dW in tqdm(adapters.matrices(path), desc="spectral norms", leave=False, disable=None)]
     out = []
-    for name, W0, dW in tqdm(adapters.matrices(path), desc="spectral norms", leave=False, disable=None):
-        b = lowrank_spectral_norm(*factors[name]) if name in factors else spectral_norm(dW)
-        out.append((name, spectral_norm(W0), b))
+    for name in tqdm(stream.names, desc=f"spectral norms {Path(path).name}", unit="matrix", leave=False,
+                     disable=None):
+        W0, B, A = stream.matrix(name)
+        out.append((name, base_norm(W0, device=device, cache_dir=cache_dir), lowrank_spectral_norm(B, A)))
     return out
 
 
-def theorem1_terms(path, *, act_lipschitz, input_bound, loss_lipschitz, act_zero_norm, convention):
+def norm_cache_dir():
+    """$BEYOND_LORA_CACHE/norms, else ~/.cache/beyond-lora/norms."""
+    import os
+    env = os.environ.get("BEYOND_LORA_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "beyond-lora") / "norms"
+
+
+def base_norm(W0, *, device=None, cache_dir=None):
+    """‖W0‖₂ (spectral_norm), read from / written to a small per-matrix cache keyed by W0's bytes."""
+    import json
+    from adapters.io import write_json
+    from adapters.weights import content_hash
+    file = Path(cache_dir or norm_cache_dir()) / f"spectral-norm-v2-{content_hash(W0)[:32]}.json"
     try:
-        norms = layer_norms(path)
+        return float(json.loads(file.read_text())["spectral_norm"])
+    except (OSError, ValueError, KeyError, TypeError):  # a miss (or a corrupt entry): computed below
+        pass
+    value = spectral_norm(W0, device=device)
+    try:
+        write_json(file, {"spectral_norm": value, "shape": list(W0.shape), "dtype": str(W0.dtype)})
+    except OSError:  # the cache only saves time
+        pass
+    return value
+
+
+def theorem1_terms(path, *, act_lipschitz, input_bound, loss_lipschitz, act_zero_norm, convention, device=None):
+    try:
+        norms = layer_norms(path, device=device)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (Theorem 1 needs the weights; --no-theorem1 skips it)") from None
     settings = dict(convention=convention, act_lipschitz=act_lipschitz, act_zero_norm=act_zero_norm,
@@ -177,8 +259,11 @@ def theorem1_terms(path, *, act_lipschitz, input_bound, loss_lipschitz, act_zero
 # -- one checkpoint ---------------------------------------------------------------------------------
 
 def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examples=None, bits=None,
-                   theorem1_options=None):
-    """Everything the report shows for one checkpoint, as a JSON-ready dict."""
+                   theorem1_options=None, task_options=None, progress=False):
+    """Everything the report shows for one checkpoint, as a JSON-ready dict.
+
+    `task_options` (adapters.evaluate.TASK_OPTIONS, any given): the statistics (|N|, losses, maxima, Ĝ) are
+    measured on the data they name instead of read from training_stats.json."""
     import adapters
     path = str(path)
     meta = adapters.read_meta(path)
@@ -186,6 +271,16 @@ def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examp
     stats = adapters.read_stats(path) if stats_file.exists() else None
     if stats is not None and not isinstance(stats, dict):
         raise CheckpointError(f"corrupt training statistics {stats_file}: not a JSON object")
+    measured, gap_source = None, "training_stats.json" if stats is not None else None
+    if any(v is not None for v in (task_options or {}).values()):
+        measured = example_losses(path, progress=progress, **task_options)
+        stats, gap_source = measured_stats(measured[0]), f"measured from per-example losses: {measured[1]}"
+    elif stats is None:  # a plain PEFT directory: ask for everything it lacks at once, by flag
+        needs = ([] if n_examples is not None else ["--n-examples N (|N|, the training examples)"]) + \
+                ([] if sigma is not None or loss_clip is not None else ["--sigma S or --loss-clip B"])
+        if needs:
+            raise CheckpointError(f"{path} has no training statistics ({stats_file.name}): pass {' and '.join(needs)}, "
+                                  "or --task / --data to measure them on the training data")
     if n_examples is None:
         if stats is None:
             raise CheckpointError(f"{path}: no training_stats.json; pass --n-examples N")
@@ -214,7 +309,8 @@ def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examp
         test_loss=(stats or {}).get("test_loss"), theorem1=None, paper_bound=None, log10_paper_bound=None,
         paper_bound_vacuous=None)
     row["vacuous"] = is_vacuous(row["mi_bound"], b)
-    row["clipped_gap"], row["clipped_gap_source"] = clipped_gap(path, stats, b)
+    row["gap_source"] = gap_source
+    row["clipped_gap"], row["clipped_gap_source"] = clipped_gap(path, stats, b, measured=measured, progress=progress)
     if theorem1_options is not None:
         t = theorem1_terms(path, **theorem1_options)
         row["theorem1"] = t
@@ -246,29 +342,12 @@ def _log10_sum(x, y):
 
 # -- several checkpoints -----------------------------------------------------------------------------
 
-def kendall_tau(x, y):
-    """Kendall τ-b between two orderings; None when undefined (fewer than 2 items, or a constant one).
-
-    τ_b = (C − D) / √((n0 − n_x)(n0 − n_y)) over the n0 = n(n−1)/2 pairs: C concordant, D discordant,
-    n_x / n_y the pairs tied in x / in y. O(n²): the orderings here have a dozen methods.
-    """
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    i, j = np.triu_indices(len(x), k=1)
-    dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-    n0 = len(i)
-    denominator = np.sqrt(float(n0 - (dx == 0).sum()) * float(n0 - (dy == 0).sum()))
-    return None if denominator == 0 else float((dx * dy).sum() / denominator)
-
-
 def kendall(rows, key):
-    """Kendall τ between the ordering by `key` and by the empirical gap, over rows that have both;
-    the p-value is scipy's test of τ = 0."""
-    from scipy.stats import kendalltau
+    """Kendall τ between the ordering by `key` and by the empirical gap, over rows that have both
+    (bounds.stats.kendall_test: τ, scipy's p-value of τ = 0, n, distinct values, informative)."""
     pairs = [(r[key], r["empirical_gap"]) for r in rows
              if r.get(key) is not None and r["empirical_gap"] is not None]
-    tau = kendall_tau(*zip(*pairs)) if len(pairs) >= 2 else None
-    p_value = None if tau is None else float(kendalltau(*zip(*pairs)).pvalue)
-    return dict(tau=tau, p_value=p_value, n=len(pairs), distinct=len({x for x, _ in pairs}))
+    return kendall_test(*zip(*pairs)) if pairs else kendall_test([], [])
 
 
 def ties_note(name, distinct, n):
@@ -327,7 +406,6 @@ def _log10(row, key):
 
 
 def to_markdown(rows, comparison):
-    from analysis.style import label
     head = ["method", "r", "k", "\\|N\\|", "q", "σ", "P adapter", "P head", "P total", "formula (adapter)",
             "MI bound", "Φ_W0 + √ (paper)", "log10 Φ_ΔW", "log10 Φ_W0", "Ĝ (empirical)", "Ĝ clipped at b"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -349,7 +427,8 @@ def _notes(rows, comparison):
     notes = ["MI bound = sqrt(2 q σ² ln2 · P / |N|) with P = all trained scalars (adapter + head + other); "
              "it alone bounds the expected generalization error (W0 does not depend on the data)."]
     for r in rows:
-        notes.append(f"{r['path']}: σ from {r['sigma_source']}. Clipped gap: {r['clipped_gap_source']}.")
+        notes.append(f"{r['path']}: σ from {r['sigma_source']}. Ĝ: {r.get('gap_source') or 'none'}. "
+                     f"Clipped gap: {r['clipped_gap_source']}.")
         t = r.get("theorem1")
         if t and t.get("layers"):
             notes.append(f"{r['path']}: Theorem 1 ({t['convention']}) over {t['layers']} adapted matrices, "
@@ -374,15 +453,24 @@ def _notes(rows, comparison):
         for key, name in (("mi_bound", "MI bound"), ("paper_bound", "paper's form Φ_W0 + √")):
             c = comparison[key]
             ties = ties_note(name, c["distinct"], c["n"])
-            notes.append(f"Kendall τ ({name} vs empirical gap Ĝ, n = {c['n']}): "
-                         + ("n/a" if c["tau"] is None else f"{c['tau']:.3f} (p = {c['p_value']:.3g})")
+            notes.append(f"Kendall τ ({name} vs empirical gap Ĝ, n = {c['n']}): " + _tau_text(c)
                          + (f"; {ties}" if ties else ""))
     return [f"- {n}" for n in notes]
 
 
+def _tau_text(c):
+    """τ with its p-value, or why it is not shown: undefined (a constant ordering), or not informative (fewer than
+    MIN_DISTINCT_FOR_TAU distinct values)."""
+    if c["tau"] is None:
+        return "n/a"
+    if not c["informative"]:
+        return (f"not informative ({c['distinct']} distinct values; τ needs at least {MIN_DISTINCT_FOR_TAU} to say "
+                "anything)")
+    return f"{c['tau']:.3f} (p = {c['p_value']:.3g})"
+
+
 def to_latex(rows, comparison):
     """A booktabs table: methods grouped as full FT / LoRA family / sparse variants."""
-    from analysis.style import METHOD_GROUPS, label, method_order
     cols = ["Method", "$r$", "$k$", "$P$", "$|N|$", "MI bound", r"$\Phi_{W_0}+\sqrt{\cdot}$", r"$\hat G$"]
     out = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}",
            r"\toprule", " & ".join(cols) + r" \\", r"\midrule"]
@@ -415,7 +503,8 @@ def to_latex(rows, comparison):
     if comparison:
         c = comparison["mi_bound"]
         caption += (r" Kendall $\tau$ (MI bound vs $\hat G$) "
-                    + (r"undefined (constant column)." if c["tau"] is None else rf"$= {c['tau']:.2f}$."))
+                    + (r"undefined (constant column)." if c["tau"] is None else rf"$= {c['tau']:.2f}$."
+                       if c["informative"] else f"not informative ({c['distinct']} distinct values)."))
         ties = ties_note("MI bound", c["distinct"], c["n"])
         caption += f" {_tex(ties.replace('τ-b', 'tau-b'))}." if ties else ""
     out += [rf"\caption{{{caption}}}", r"\label{tab:bounds}", r"\end{table}"]

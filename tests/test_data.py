@@ -158,6 +158,11 @@ def test_data_file_errors(tmp_path):
     assert "missing column(s) text, label" in _error(tmp_path, "d.jsonl", pairs, ["sentence", "y"])
     assert "no examples" in _error(tmp_path, "empty.csv", [], ["text", "label"])
     assert "no examples" in _error(tmp_path, "empty.tsv", [], ["text", "label"])
+    for name in ("blank.csv", "blank.tsv", "blank.jsonl"):  # not even a header: no examples, not missing columns
+        (tmp_path / name).write_text("" if name != "blank.jsonl" else "\n\n")
+        with pytest.raises(AdapterError) as e:
+            load_task(data=tmp_path / name)
+        assert str(e.value) == f"{tmp_path / name}: no examples"
     assert "only one class ('pos')" in _error(tmp_path, "one.csv", [(t, "pos") for t in TEXTS], ["text", "label"])
     assert "the test split is empty" in _error(
         tmp_path, "s.csv", [(t, n, "train") for t, n in pairs], ["text", "label", "split"])

@@ -161,19 +161,37 @@ def test_sharpness_on_a_known_quadratic():
     f = 1.0 + 3.0 * A ** 2 + 0.5 * B ** 2  # f'' = 6 along α, 1 along β
     sh = ls.sharpness(coords, f)
     assert sh["curvature_at_center"] == pytest.approx([6.0, 1.0], rel=1e-9)
+    assert [r["radius"] for r in sh["loss_rise"]] == pytest.approx([0.2 * k for k in range(1, 11)], rel=1e-12)
     for r in sh["loss_rise"]:
         rho = r["radius"]
-        # Mean over the circle of 3a² + 0.5b² is (3 + 0.5) ρ²/2. Bilinear interpolation of a convex
-        # quadratic overestimates by at most (h²/8)(f_aa + f_bb) = 0.035 with h = 0.2.
-        assert 0 <= r["mean_rise"] - 1.75 * rho ** 2 <= 0.2 ** 2 / 8 * 7 + 1e-12
-        inside = [f[i, j] - 1 for i in range(21) for j in range(21)
-                  if coords[0][i] ** 2 + coords[1][j] ** 2 <= rho ** 2 + 1e-12]
-        assert r["max_rise"] == pytest.approx(max(inside), rel=1e-12)
-        assert r["max_rise"] <= 3 * rho ** 2
+        # The square ring max(|a|, |b|) = ρ: on its sides a = ±ρ (b over the grid in [-ρ, ρ]) or b = ±ρ.
+        ring = [f[i, j] - 1 for i in range(21) for j in range(21)
+                if abs(max(abs(coords[0][i]), abs(coords[1][j])) - rho) < 1e-9]
+        assert r["points"] == len(ring) == 8 * round(rho / 0.2)
+        assert r["mean_rise"] == pytest.approx(np.mean(ring), rel=1e-12)
+        assert r["max_rise"] == pytest.approx(3 * rho ** 2 + 0.5 * rho ** 2, rel=1e-12)  # the ring's corners
     sh1 = ls.sharpness([coords[0]], 1 + 2 * np.asarray(coords[0]) ** 2)
     assert sh1["curvature_at_center"][0] == pytest.approx(4.0)
     assert sh1["loss_rise"][-1]["mean_rise"] == pytest.approx(2 * 4.0)  # ±ρ = ±2 are grid points
     assert sh1["loss_rise"][-1]["max_rise"] == pytest.approx(2 * 4.0)
+
+
+@pytest.mark.parametrize("dims, grid", [(1, 3), (1, 7), (2, 3), (2, 9)])
+def test_every_loss_rise_is_read_off_grid_points_and_max_is_at_least_mean(dims, grid):
+    """The issue-21 case (dims 1, grid 3) reported max_rise 0 below an interpolated mean_rise at radii off the
+    grid: every radius is a grid point, and each statistic is the raw grid's, on grids of any shape."""
+    rng = np.random.default_rng(grid + dims)
+    coords = [ls.grid_coords(grid, 0.5)] * dims
+    loss = rng.random((grid,) * dims) * 3
+    c = (grid - 1) // 2
+    rises = ls.sharpness(coords, loss)["loss_rise"]
+    assert [r["radius"] for r in rises] == [coords[0][c + k] for k in range(1, c + 1)]
+    for k, r in enumerate(rises, 1):
+        idx = [i for i in np.ndindex(*loss.shape) if max(abs(a - c) for a in i) <= k]
+        ring = [loss[i] for i in idx if max(abs(a - c) for a in i) == k]
+        assert r["mean_rise"] == pytest.approx(np.mean(ring) - loss[(c,) * dims], rel=1e-12, abs=1e-12)
+        assert r["max_rise"] == pytest.approx(max(loss[i] for i in idx) - loss[(c,) * dims], rel=1e-12, abs=1e-12)
+        assert r["max_rise"] >= r["mean_rise"]
 
 
 class Flaky(MLP):

@@ -1,0 +1,31 @@
+"""The study's reference: the untrained model on the runs' own task and splits, one row of the report's table."""
+import json
+
+import pytest
+
+from adapters import evaluate
+from tests.test_study import tiny_model, tiny_study  # noqa: F401  (the fixtures: one tiny study)
+
+
+def test_the_report_shows_the_untrained_model_on_the_runs_splits(tiny_study, tiny_model, tmp_path):
+    root, result = tiny_study
+    ref = json.loads((root / "runs" / "untrained.json").read_text())
+    assert not ref["checkpoint"] and ref["target"] == tiny_model and result["settings"]["reference"] == ref
+    stats = json.loads(next((root / "runs").glob("*/training_stats.json")).read_text())
+    assert {s: ref["splits"][s]["examples"] for s in ("train", "val", "test")} == \
+        {s: stats[f"n_{s}"] for s in ("train", "val", "test")}
+    # The same numbers as an evaluation of the untrained model by hand, with the runs' split sizes and length.
+    study = json.loads((root / "runs" / "study.json").read_text())
+    sizes = {k: study["train"][k] for k in ("n_train", "n_val", "n_test", "max_length")}
+    want = evaluate.run(tiny_model, seed=0, out=tmp_path / "e.json", progress=False, **sizes)["splits"]
+    for split in ("train", "test"):
+        assert ref["splits"][split]["loss"] == pytest.approx(want[split]["loss"], rel=1e-6)
+    [line] = [x for x in result["markdown"].splitlines() if x.startswith("| untrained model (reference) |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    head = next(x for x in result["markdown"].splitlines() if x.startswith("| method |"))
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    assert len(cells) == len(columns)
+    row = dict(zip(columns, cells))
+    assert row["test acc."] == f"{want['test']['metric']:.3g}"
+    assert row["Ĝ"] == f"{want['test']['loss'] - want['train']['loss']:.3g}"
+    assert row["trained scalars"] == "0" and row["MI bound"] == "n/a"
