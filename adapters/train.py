@@ -14,6 +14,8 @@ methods end a link at equal shares of the run (one learning-rate schedule for th
 --mixed-precision bf16/fp16 trains under autocast (fp32 master weights); the final evaluation, the one recorded,
 always runs in fp32 eval mode, so it is what a fresh evaluation of the loaded checkpoint gives.
 """
+import argparse
+import inspect
 import json
 import math
 import pickle
@@ -32,14 +34,19 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, evaluate, models, tasks
+from .chain import link_boundaries
+from .config import parse_args_with_config
 from .errors import AdapterError, ArgumentParser, cli
 from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json, write_text
-from .methods import get_method
+from .stopping import KEEP, EarlyStopping, finish_chain
+from .methods import CHAIN_LENGTH, METHODS, get_method, method_table, one_link_note, resolve_chain_length
+from .tracking import installed_monitor, log_scalars, start_monitor, tracker_config, tracker_names
 
 DEFAULT_LR = {True: 5e-5, False: 1e-3}  # by "trains the pretrained weights": fft vs everything else
+EVALS_PER_RUN = 5  # mid-run evaluations when eval_every is not given
 STATE = "state.pt"  # the resumable state, in OUT.partial/
-STATE_VERSION = 2  # bump when the resumable state changes: an older state.pt is refused, not misread
+STATE_VERSION = 3  # bump when the resumable state changes: an older state.pt is refused, not misread
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -51,15 +58,11 @@ RANGES = dict(epochs=_POSITIVE, max_steps=_AT_LEAST_1, lr=_POSITIVE, lr_ratio=_P
               warmup=_FRACTION, grad_clip=_NON_NEGATIVE, batch_size=_AT_LEAST_1, max_length=_AT_LEAST_1,
               n_train=_AT_LEAST_1, n_val=_AT_LEAST_1, n_test=_AT_LEAST_1, val_fraction=_FRACTION,
               head_lr_mult=_POSITIVE, eval_every=_AT_LEAST_1, eval_examples=_AT_LEAST_1, save_every=_AT_LEAST_1,
-              save_trajectory=_NON_NEGATIVE)
+              save_trajectory=_NON_NEGATIVE, patience=_AT_LEAST_1, min_delta=_NON_NEGATIVE)
 # Arguments that do not change what a run computes: a resumed run may differ in these only.
-NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "on_step", "progress", "report_to", "logging_dir")
+NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "monitor", "on_step", "progress", "report_to",
+               "logging_dir")
 CONFIG = "config.yaml"  # the run's resolved settings, in the checkpoint: `--config` it (with --out) to rerun it
-
-
-def link_boundaries(total_steps, chain_length):
-    """Steps after which link j ends: equal shares of the run."""
-    return [round(j * total_steps / chain_length) for j in range(1, chain_length)]
 
 
 def snapshot(model):
@@ -107,18 +110,12 @@ def _loss_summary(prefix, losses):
 def _eval_split(accelerator, model, rows, processor, max_length, batch_size, kind):
     """Evaluate `rows` sharded over processes; every process gets the full result (evaluate.summary, row order).
 
-    None for no rows. Each shard is batched in order of length (little padding: an example's loss does not depend
-    on its batch-mates), and its per-example scores are put back in row order.
+    None for no rows. Each shard's per-example scores: evaluate.row_scores (batched in order of length).
     """
     if not rows:
         return None
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = rows[rank::world]
-    order = sorted(range(len(mine)), key=kind.lengths(processor, mine, max_length).__getitem__)
-    batches = evaluate.batches(processor, [mine[i] for i in order], max_length, batch_size, kind)
-    scores = [None] * len(mine)  # (summed loss, units, correct) per example, back in row order
-    for i, score in zip(order, zip(*evaluate.example_scores(model, batches, kind.score))):
-        scores[i] = score
+    scores = evaluate.row_scores(model, processor, rows[rank::world], max_length, batch_size, kind)
     parts = [scores]
     if world > 1:
         parts = [None] * world
@@ -150,6 +147,40 @@ def _split_stats(kind, evs):
         metric = ev and kind.metric_of(ev)
         out.update({f"{split}_loss": ev and ev["loss"], f"{split}_metric": metric, f"{split}_{kind.metric}": metric})
     return out
+
+
+def _mid_run_eval(accelerator, examples, of):
+    """What the mid-run evaluations (history, progress bar, trackers) are: the first `examples` of the `of`
+    validation examples, under the training precision. The recorded final numbers are fp32 on full splits."""
+    precision = accelerator.mixed_precision
+    return dict(split="val", examples=examples, of=of, precision="fp32" if precision == "no" else precision)
+
+
+def _mid_run_label(kind, mid_run):
+    """The progress bar's name for the mid-run metric, e.g. 'val accuracy (bf16, 200 of 849 examples)', so it is
+    not taken for the checkpoint's final one."""
+    return f"val {kind.metric} ({mid_run['precision']}, {mid_run['examples']} of {mid_run['of']} examples)"
+
+
+def _keep_weights(model, watch, keep, step):
+    """Load the kept weights (keep="best": the best evaluation's) and return their step. A chain that stopped
+    before its last link ends the links not reached untrained (B = 0: ΔW unchanged), so the checkpoint holds all
+    k links as a full run's does."""
+    kept = step
+    if keep == "best" and watch.best_step is not None:
+        watch.restore(model)
+        kept = watch.best_step
+    finish_chain(model)
+    return kept
+
+
+def _stopping_stats(watch, early_stopping, keep, stopped_at, kept_step, cap, eval_every, mid_run):
+    """training_stats' record of how the run ended and which weights it kept (adapters.stopping)."""
+    return dict(stopped_at=stopped_at, cap_steps=cap,
+                best_step=watch.best_step, best_val_loss=None if watch.best_step is None else watch.best_loss,
+                converged=watch.converged(), kept=keep, kept_step=kept_step,
+                early_stopping=dict(enabled=early_stopping, patience=watch.patience if early_stopping else None,
+                                    min_delta=watch.min_delta, eval_every=eval_every, on=mid_run))
 
 
 def _check_arguments(args):
@@ -198,13 +229,16 @@ def _accelerator(mixed_precision, log_with=(), project_dir=None):
 
 
 def train(model="minilm", task="movie-reviews", data_file=None, method="cla", rank=16, alpha=32, targets=None,
-          chain_length=1, epochs=1.0, max_steps=None, lr=None, lr_ratio=None, weight_decay=0.0, warmup=0.06,
-          grad_clip=1.0, batch_size=16, max_length=64, seed=0, out="ckpt", save_trajectory=0, resume=False,
-          overwrite=False, n_train=None, n_val=None, n_test=None, val_fraction=data.VAL_FRACTION, head_lr_mult=None,
-          group_by_length=True, eval_every=None, eval_examples=512, save_every=None, dropout=0.0,
-          mixed_precision=None, report_to="none", logging_dir=None, on_step=None, progress=True):
+          chain_length=None, epochs=1.0, max_steps=None, lr=None, lr_ratio=None, weight_decay=0.0, warmup=0.06,
+          grad_clip=1.0, batch_size=16, max_length=evaluate.MAX_LENGTH, seed=0, out="ckpt", save_trajectory=0,
+          resume=False, overwrite=False, n_train=None, n_val=None, n_test=None, val_fraction=data.VAL_FRACTION,
+          head_lr_mult=None, group_by_length=True, eval_every=None, eval_examples=512, save_every=None, dropout=0.0,
+          early_stopping=False, patience=3, min_delta=0.0, keep=None, mixed_precision=None, report_to="none",
+          logging_dir=None, monitor=None, on_step=None, progress=True):
     """Fine-tune and write a checkpoint to `out`; returns training_stats (also in out/training_stats.json).
 
+    `chain_length`: the number of links k; None = the method's (methods.CHAIN_LENGTH for a chained method, 1 for
+    the others), recorded as resolved. k = 1 for a chained method is its non-chained twin: said on stderr.
     `dropout`: LoRA dropout p on the adapter path (PEFT's lora_dropout). `mixed_precision`: "no", "fp16" or
     "bf16" autocast for training; None = accelerate's default (ACCELERATE_MIXED_PRECISION, else "no").
     The validation split (`val_fraction` of the training split unless the data has one; `n_val` caps it) is what
@@ -212,9 +246,16 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     looked at before the end. `head_lr_mult`: the head's lr multiplier (default: the method's, 10 for fft and
     head-only). `group_by_length`: batches of similar length (less padding, same examples per epoch).
     `report_to`: tensorboard, wandb, trackio, all or none (accelerate's trackers, logs under `logging_dir`, default
-    OUT.logs/): at each evaluation the running loss, lr, validation loss and metric and the diagnostics of
-    adapters.integrations (intruders, ‖ΔW‖, stable rank, the MI bound so far). OUT/config.yaml records these
-    arguments, less those in NOT_RESULTS (the CLI's flags are exactly these arguments).
+    OUT.logs/): at each evaluation the running loss, lr, validation loss and metric, and the values of `monitor`.
+    `monitor(model, step) -> {name: float}`: the hook of adapters.tracking, called at each evaluation; with
+    trackers and no monitor given, the installed one (analysis.monitor.Diagnostics: intruders, ‖ΔW‖, stable rank,
+    the MI bound so far). OUT/config.yaml records these arguments, less those in NOT_RESULTS (the CLI's flags are
+    exactly these arguments).
+    `early_stopping`: stop after `patience` validation evaluations (every `eval_every` steps, on the mid-run
+    evaluation's examples) without a validation loss lower than the best by more than `min_delta`; the cap is
+    max_steps (or epochs), and a chained method's links end at equal shares of the cap, so stopping ends the chain
+    (adapters.stopping). `keep`: "best" (the default with early stopping) tests and saves the weights of the best
+    evaluation, "final" (the default without) the last ones. Recorded: stopped_at, best_step, converged, kept.
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
     Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
     the run has set up successfully.
@@ -223,20 +264,29 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     from accelerate.utils import set_seed
 
     _check_arguments(args)
+    args["chain_length"] = chain_length = resolve_chain_length(method, chain_length)  # recorded as resolved
+    if keep not in (None, *KEEP):
+        raise AdapterError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
+    args["keep"] = keep = keep or ("best" if early_stopping else "final")  # recorded as resolved
     out = Path(out)
     spec = get_method(method)
     partial = out.with_name(out.name + ".partial")
     if lr is None:
         lr = DEFAULT_LR[spec.trains_base]
 
-    from .integrations import Diagnostics, log_scalars, tracker_config, tracker_names
     trackers = tracker_names(report_to)
     logging_dir = Path(logging_dir) if logging_dir else out.with_name(out.name + ".logs")
     accelerator = _accelerator(mixed_precision, trackers, logging_dir if trackers else None)
+    note = one_link_note(method, chain_length)
+    if note and accelerator.is_main_process:
+        print(f"note: {note}", file=sys.stderr)
     if batch_size % accelerator.num_processes:
         raise AdapterError(f"batch_size {batch_size} must divide over {accelerator.num_processes} processes")
     set_seed(seed)  # dropout draws from the global RNG: same seed, same run
     the_task = data.load_task(task, data_file, n_train=n_train, n_val=n_val, n_test=n_test, val_fraction=val_fraction)
+    if (early_stopping or keep == "best") and not the_task.val:
+        raise AdapterError("early stopping and keep=best need a validation split (val_fraction > 0, or a split "
+                           "column with validation rows)")
     kind = tasks.get_task_type(the_task.type)
     tasks.check_model(kind, model, models.model_family(model))
     processor = models.load_processor(model)
@@ -252,15 +302,14 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
 
     steps_per_epoch = math.ceil(len(the_task.train) / batch_size)
     total = max_steps if max_steps is not None else max(1, round(epochs * steps_per_epoch))
-    if total < chain_length:
-        raise AdapterError(f"{total} steps cannot hold chain_length={chain_length} links")
     boundaries = link_boundaries(total, chain_length)
     warmup_steps = round(warmup * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / max(1, warmup_steps), max(0.0, (total - s) / max(1, total - warmup_steps))))
-    eval_every = eval_every or max(1, total // 5)
+    eval_every = eval_every or max(1, total // EVALS_PER_RUN)
     trajectory_steps = sorted({round(total * (i + 1) / save_trajectory) for i in range(save_trajectory)})
     snapshots, history, step_times, running, step = {}, [], [], [], 0
+    watch, stopped = EarlyStopping(patience if early_stopping else math.inf, min_delta, keep == "best"), False
     # What a resumed run must share with the state it resumes (the precision as accelerate resolved it).
     results_args = {**{k: v for k, v in args.items() if k not in NOT_RESULTS},
                     "mixed_precision": accelerator.mixed_precision}
@@ -280,6 +329,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         random.setstate(state["py_rng"])
         step, history, step_times, running = state["step"], state["history"], state["step_times"], state["running"]
         snapshots = {s: None for s in state["snapshot_steps"]}  # the files are already in partial/
+        watch.load_state_dict(state["stopping"])
     elif resume and partial.exists():  # nothing at all to resume is the normal first run: say nothing then
         accelerator.print(f"no resumable state in {partial}; starting from step 0")
     elif partial.exists() and accelerator.is_main_process:
@@ -291,12 +341,17 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     if state is not None and accelerator.scaler is not None:  # fp16's loss scale goes on where it was
         accelerator.scaler.load_state_dict(state["scaler"])
     eval_rows = the_task.val[:eval_examples]  # mid-run evaluations: validation, never test
+    mid_run = _mid_run_eval(accelerator, len(eval_rows), len(the_task.val))
+    loss_label, val_label = "train loss (running)", _mid_run_label(kind, mid_run)
     # What the run computes (not where it writes, nor whether it resumed): the same file for a resumed run.
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in NOT_RESULTS}
-    diagnose = None
     if trackers:
-        accelerator.init_trackers(out.name, config=tracker_config(config))
-        diagnose = Diagnostics(("intruders", "delta_norm", "stable_rank", "mi_bound"), n_examples=len(the_task.train))
+        # The logged val_* scalars are the mid-run ones (final/* the recorded ones): the hparams say what they are.
+        accelerator.init_trackers(out.name, config=tracker_config(
+            {**config, **{f"mid_run_eval_{k}": v for k, v in mid_run.items()}}))
+        if monitor is None and (installed := installed_monitor()) is not None:
+            monitor = installed()
+    start_monitor(monitor, len(the_task.train))
     lengths = kind.lengths(processor, the_task.train, max_length) if group_by_length else None
 
     def batches(epoch):
@@ -324,15 +379,16 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
                          scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                          rng=torch.get_rng_state(), py_rng=random.getstate(),
                          cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                         history=history, running=running, step_times=step_times, snapshot_steps=sorted(snapshots))
+                         history=history, running=running, step_times=step_times, snapshot_steps=sorted(snapshots),
+                         stopping=watch.state_dict())
             torch.save(state, partial / (STATE + ".tmp"))
             (partial / (STATE + ".tmp")).replace(state_file)
 
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc=f"{method} r={rank}", disable=not (progress and
-                                                                                  accelerator.is_main_process))
+    desc = f"{method} r={rank}" + (f" k={chain_length}" if chain_length > 1 else "")
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (progress and accelerator.is_main_process))
     net.train()
-    while step < total:
+    while step < total and not stopped:
         epoch, skip = divmod(step, steps_per_epoch)
         for i, batch in enumerate(batches(epoch)):
             if i < skip:
@@ -359,17 +415,18 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
                 ev = _eval_split(accelerator, inner, eval_rows, processor, max_length, 2 * batch_size, kind)
                 history.append(dict(step=step, train_loss_running=sum(running) / len(running),
                                     lr=schedule.get_last_lr()[0], **_split_stats(kind, {"val": ev})))
-                if diagnose is not None:
+                stopped = ev is not None and watch.update(step, ev["loss"], inner)
+                if trackers or monitor is not None:
                     numbers = {k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and k != "step"}
-                    log_scalars(accelerator, {**numbers, **diagnose(inner, step)}, step)
-                bar.set_postfix(loss=f"{history[-1]['train_loss_running']:.3f}",
-                                **({f"val_{kind.metric}": f"{kind.metric_of(ev):.3f}"} if ev else {}))
+                    log_scalars(accelerator, {**numbers, **(monitor(inner, step) if monitor else {})}, step)
+                bar.set_postfix({loss_label: f"{history[-1]['train_loss_running']:.3f}",
+                                 **({val_label: f"{kind.metric_of(ev):.3f}"} if ev else {})})
                 running = []
-            if save_every and step % save_every == 0 and step < total:
+            if save_every and step % save_every == 0 and step < total and not stopped:
                 save_state()
             if on_step:
                 on_step(step)
-            if step >= total:
+            if step >= total or stopped:
                 break
     bar.close()
     wall = time.perf_counter() - start
@@ -377,6 +434,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     # Final evaluation: eval mode, final weights, full splits (THEORY.md section 3), in the weights' own
     # precision (fp32): accelerate's autocast wrapper comes off, so this is what a fresh load evaluates to.
     inner = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
+    stopped_at, kept_step = step, _keep_weights(inner, watch, keep, step)
     evs = {split: _eval_split(accelerator, inner, getattr(the_task, split), processor, max_length, 2 * batch_size,
                               kind) for split in ("train", "val", "test")}
     train_ev, test_ev = evs["train"], evs["test"]
@@ -394,11 +452,12 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         abs_generalization_gap=abs(test_ev["loss"] - train_ev["loss"]),
         metric_gap=metric_gap,
         **_loss_summary("train", train_ev["losses"]), **_loss_summary("test", test_ev["losses"]),
-        steps=total, epochs=total / steps_per_epoch, history=history, wall_time_s=wall,
+        steps=stopped_at, epochs=stopped_at / steps_per_epoch, history=history, wall_time_s=wall,
+        **_stopping_stats(watch, early_stopping, keep, stopped_at, kept_step, total, eval_every, mid_run),
         median_step_time_s=statistics.median(step_times) if step_times else None,
         throughput_examples_per_s=batch_size / statistics.median(step_times) if step_times else None,
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
-        device=str(accelerator.device), **precision, versions=_versions())
+        device=str(accelerator.device), **precision, mid_run_eval=mid_run, versions=_versions())
     if accelerator.is_main_process:
         task_meta = dict(name=the_task.name, type=kind.name,
                          data=str(Path(data_file).resolve()) if data_file else None, labels=the_task.labels,
@@ -417,11 +476,14 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
 
         files = {checkpoint.STATS: lambda p: write_json(p, stats), CONFIG: lambda p: write_text(
             p, yaml.safe_dump(config, sort_keys=False))}
+        # The final per-example losses with the digest of the weights they are of, so bounds need not run the model.
+        files[evaluate.EXAMPLE_LOSSES] = lambda p: evaluate.write_example_losses(p, evs, task_meta)
         if snapshots:
             files["trajectory"] = write_trajectory
         checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name,
                         overwrite=overwrite, files=files,
-                        extra_meta=dict(link_boundaries=boundaries, task=task_meta, training=hyper))
+                        extra_meta=dict(link_boundaries=[b for b in boundaries if b <= kept_step], task=task_meta,
+                                        training=hyper))
         shutil.rmtree(partial, ignore_errors=True)
     if trackers:
         log_scalars(accelerator, {f"final/{k}": v for k, v in stats.items()
@@ -447,49 +509,81 @@ def _read_state(state_file, results_args):
     return state
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default, read off the parser (whose defaults are train()'s own); a flag
+    without one (None) says in its help what the code does instead."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return text  # a flag (store_true/false), or a default that is computed: its help says which
+        return f"{text} (default: %(default)s)"
+
+
+def _by_method(value, default):
+    """'name v, ...' for the methods whose `value(method)` is not `default` (for --help)."""
+    return ", ".join(f"{name} {value(m):g}" for name, m in METHODS.items() if value(m) != default)
+
+
 def _parser():
-    p = ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="minilm", help="offline model (minilm, smollm2-135m, dinov2-small), "
-                                                     "a transformers directory or a cached hub id")
-    p.add_argument("--task", default="movie-reviews",
-                   help="built-in task: movie-reviews (classification), movie-dialog (causal LM), fashion-mnist "
-                        "(images); default movie-reviews")
-    p.add_argument("--data", dest="data_file", help="your data: CSV/TSV/JSONL with text,label or prompt,completion "
-                                                    "columns (optional split), or an ImageFolder directory")
-    p.add_argument("--method", default="cla")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32)
-    p.add_argument("--targets", nargs="+", help="module names, dotted suffixes, regexes or all-linear")
-    p.add_argument("--chain-length", type=int, default=1)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, help="default 1e-3 (5e-5 for fft)")
-    p.add_argument("--lr-ratio", type=float, help="lr_B / lr_A (LoRA+; default: the method's, 16 for lora_plus)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=float, default=0.06, help="warmup fraction of the run")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--n-train", type=int, help="use the first N training examples of the fixed split")
-    p.add_argument("--n-val", type=int, help="use the first N validation examples of the fixed split")
-    p.add_argument("--n-test", type=int, help="use the first N test examples of the fixed split")
-    p.add_argument("--val-fraction", type=float, default=data.VAL_FRACTION,
-                   help="share of the training split held out for validation when the data has none (0: none)")
-    p.add_argument("--head-lr-mult", type=float, help="head lr = this × lr (default: 10 for fft and head, else 1)")
+    d = {name: p.default for name, p in inspect.signature(train).parameters.items()}  # what train() applies
+    chained = [name for name, m in METHODS.items() if m.chain_length > 1]
+    p = ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0],
+                       formatter_class=_HelpFormatter, epilog="methods (--method):\n" + method_table())
+    p.add_argument("--model", default=d["model"], help=f"offline model ({', '.join(models.OFFLINE_MODELS)}), "
+                                                       "a transformers directory or a cached hub id")
+    # --task, --data, --n-train/val/test, --val-fraction, --max-length: one definition for every command reading a task
+    evaluate.add_task_arguments(p, defaults={k: d[k] for k in ("task", "val_fraction", "max_length")})
+    p.add_argument("--method", default=d["method"], help="one of the methods below")
+    p.add_argument("--rank", type=int, default=d["rank"], help="rank r of each link")
+    p.add_argument("--alpha", type=float, default=d["alpha"], help="scale s = alpha / r")
+    p.add_argument("--targets", nargs="+", help="module names, dotted suffixes, regexes or all-linear (default: "
+                                                "the query and value projections of the model's family)")
+    p.add_argument("--chain-length", type=int, help=f"links k of a chained method (default: the method's, "
+                   f"{CHAIN_LENGTH} for {', '.join(chained)}; 1 for the others)")
+    p.add_argument("--epochs", type=float, default=d["epochs"], help="passes over the training split")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs of the training split)")
+    p.add_argument("--lr", type=float, help=f"default {DEFAULT_LR[False]:g} ({DEFAULT_LR[True]:g} for the methods "
+                                            f"that train the pretrained weights: "
+                                            f"{', '.join(n for n, m in METHODS.items() if m.trains_base)})")
+    p.add_argument("--lr-ratio", type=float, help="lr_B / lr_A (default: the method's, "
+                   f"{_by_method(lambda m: m.adapter.lr_ratio if m.adapter else 1.0, 1.0)}; 1 for the others)")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW's")
+    p.add_argument("--warmup", type=float, default=d["warmup"], help="warmup fraction of the run")
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="max gradient norm (0: no clipping)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch size")
+    p.add_argument("--head-lr-mult", type=float, help="a new head's lr = this × lr (default: the method's, "
+                   f"{_by_method(lambda m: m.head_lr_mult, 1.0)}; 1 for the others and for a pretrained head)")
     p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                   help="plain shuffled batches instead of batches of similar length")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: 5 per run)")
-    p.add_argument("--eval-examples", type=int, default=512,
+                   default=d["group_by_length"], help="plain shuffled batches instead of batches of similar length")
+    p.add_argument("--eval-every", type=int, help=f"steps between mid-run evaluations (default: {EVALS_PER_RUN} "
+                                                  "per run)")
+    p.add_argument("--eval-examples", type=int, default=d["eval_examples"],
                    help="validation examples each mid-run evaluation uses (the final one uses every split in full)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="ckpt")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--save-trajectory", type=int, default=0, metavar="N", help="N snapshots of trained params")
-    p.add_argument("--save-every", type=int, help="write resumable state every N steps (to OUT.partial/)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.partial/ if present")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p on the adapter path (PEFT lora_dropout)")
-    p.add_argument("--report-to", default="none", help="tensorboard, wandb, trackio, all or none (default): "
-                   "losses, lr, validation metric and diagnostics at each evaluation, via accelerate's trackers")
+    p.add_argument("--early-stopping", action="store_true",
+                   help="stop after --patience evaluations without a lower validation loss (the cap: --max-steps or "
+                        "--epochs; a chain's links end at equal shares of the cap, stopping ends the chain)")
+    p.add_argument("--patience", type=int, default=d["patience"],
+                   help="evaluations without an improvement before stopping")
+    p.add_argument("--min-delta", type=float, default=d["min_delta"],
+                   help="an improvement lowers the best validation loss by more than this")
+    p.add_argument("--keep", choices=KEEP, help="weights tested and saved: best (the best validation evaluation's; "
+                                                "the default with --early-stopping) or final (the default without)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="every random draw: selectors, head, data order, "
+                                                               "dropout")
+    p.add_argument("--out", default=d["out"], help="the checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", default=d["overwrite"],
+                   help="replace a non-empty --out directory")
+    p.add_argument("--save-trajectory", type=int, default=d["save_trajectory"], metavar="N",
+                   help="N snapshots of trained params")
+    p.add_argument("--save-every", type=int, help="write resumable state every N steps (to OUT.partial/; "
+                                                  "default: never)")
+    p.add_argument("--resume", action="store_true", default=d["resume"],
+                   help="continue from OUT.partial/ if present")
+    p.add_argument("--dropout", type=float, default=d["dropout"],
+                   help="LoRA dropout p on the adapter path (PEFT lora_dropout)")
+    p.add_argument("--report-to", default=d["report_to"], help="tensorboard, wandb, trackio, all or none: losses, "
+                   "lr, validation metric and diagnostics at each evaluation, via accelerate's trackers")
     p.add_argument("--logging-dir", help="where trackers write (default: OUT.logs/)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
                    help="autocast for training (default: accelerate's, ACCELERATE_MIXED_PRECISION or no); "
@@ -499,13 +593,15 @@ def _parser():
 
 @cli
 def main(argv=None):
-    from .integrations import parse_args_with_config
     args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
     stats = train(**args)  # checks every argument before it writes anything
     summary = {k: stats[k] for k in ("n_train", "n_val", "n_test", "train_loss", "val_loss", "test_loss",
                                      "train_metric", "val_metric", "test_metric", "generalization_gap",
                                      "median_step_time_s")}
-    print(json.dumps(dict(out=args["out"], method=args["method"], **summary)))
+    k = resolve_chain_length(args["method"], args["chain_length"])  # as train() resolved it
+    note = one_link_note(args["method"], k)
+    print(json.dumps(dict(out=args["out"], method=args["method"], chain_length=k, **summary,
+                          **({"note": note} if note else {}))))
     return 0
 
 

@@ -10,6 +10,7 @@ existing cluster instead ("auto", "HOST:PORT", or "ray://HOST:PORT" for Ray Clie
 fans out over every node. Multi-GPU training of one run stays on accelerate/torchrun; Ray only schedules runs.
 """
 import os
+import re
 import socket
 from urllib.parse import urlparse
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from adapters.errors import AdapterError
 
 EXECUTORS = ("ray", "serial")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes in Ray's messages
 
 
 class SerialExecutor:
@@ -71,8 +73,7 @@ class RayExecutor:
                     try:
                         results[index[ref]] = self.ray.get(ref)
                     except self.ray.exceptions.RayTaskError as e:
-                        # The job's own error (bad input, a bug): surface the original exception.
-                        raise e.as_instanceof_cause() from None
+                        raise task_error(e, desc) from None
                     bar.update(1)
         return results
 
@@ -85,6 +86,20 @@ class RayExecutor:
     def close(self):
         if self._started:
             self.ray.shutdown()
+
+
+def task_error(error, desc="jobs"):
+    """The error a Ray task raised, as the user should see it: the task's own AdapterError as it is (one line from
+    the CLI), anything else as an AdapterError of its first line. Ray's wrapper (the remote traceback, terminal
+    colour codes) stays out; `--executor serial` shows the traceback."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, AdapterError):
+        return cause
+    text = ANSI.sub("", str(cause if cause is not None else error)).strip()
+    name = type(cause).__name__ if cause is not None else type(error).__name__
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return AdapterError(f"a {desc} task failed: {name}: {first.strip()} (rerun with --executor serial for its "
+                        "traceback)")
 
 
 def _check_reachable(address, timeout=5.0):

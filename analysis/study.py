@@ -6,8 +6,11 @@
 
 The protocol: (1) every method trains at each learning rate of its grid with the first seed; (2) its lr is the one
 with the best validation score (`--select-by`: the task metric, ties broken by the lower validation loss; test is
-never looked at); (3) the other seeds train at that lr. The first seed's run at the chosen lr is one of the final
-runs. Runs and diagnostics are Ray tasks (a local Ray instance by default, `--address` for a cluster,
+never looked at), and a choice at an edge of the grid extends it by one grid step on that side (trained, then chosen
+again) until the choice is interior or the bound (MAX_EXTENSIONS, LR_BOUNDS) is reached; (3) the other seeds train at
+that lr. The first seed's run at the chosen lr is one of the final runs. Every run stops early on its validation
+loss under a cap of epochs (the budget's), and its best evaluation's weights are the ones tested and diagnosed
+(adapters.stopping). Every argument and data problem is found before Ray starts. Runs and diagnostics are Ray tasks (a local Ray instance by default, `--address` for a cluster,
 `--executor serial` in-process), each idempotent, so an interrupted study redoes nothing that finished.
 
 Every run is a normal checkpoint in RUNS/<method>-lr<lr>-s<seed>/; RUNS/lr_selection.json records each method's grid,
@@ -16,14 +19,16 @@ RUNS/<method>-lr<lr>-s<seed>/diagnostics/: intruders (spectral), then the landsc
 in the space common to every method (W0 + ΔW of the compared matrices: `landscape`, `hessian`) and in the
 method's own trainable space as it trained it (`landscape_trainable`, `hessian_trainable`). A run already
 complete is skipped, and so is a diagnostic complete with the settings asked for, so an interrupted study
-picks up where it stopped. Training an interrupted run resumes from its last state.
+picks up where it stopped. Training an interrupted run resumes from its last state. The untrained model, evaluated
+on the same task and splits (RUNS/untrained.json, adapters.evaluate), is the report's reference row.
 """
 import sys
 from pathlib import Path
 
 from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.io import write_json
-from adapters.methods import METHODS
+from adapters.methods import CHAIN_LENGTH, METHODS
+from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE, run_dir
 
 DEFAULT_METHODS = ["fft", "head", "lora", "lora_plus", "asym", "cola", "rac", "cla", "rcla", "c3la", "rc3la"]
 # Budgets: `default` is the study of the README; `tiny` is its reduced form (CI). The Hessian's Lanczos budget
@@ -42,16 +47,23 @@ def native_bf16():
 
 BUDGETS = {
     # bf16 autocast, as the paper trains (fp32 master weights; the recorded evaluations and diagnostics are fp32).
-    "default": dict(seeds=[0, 1, 2], train=dict(max_steps=100, n_train=500, n_val=500, n_test=600, batch_size=16,
-                                                max_length=48, eval_every=25, eval_examples=200, save_every=50,
+    # Converged runs: early stopping on validation loss, evaluated every epoch (32 steps of 500 examples), patience 2
+    # (two epochs without a lower loss), under a cap of 20 epochs, the paper's order (it trains 20–30); the best
+    # evaluation's weights are the ones tested and diagnosed. Every half epoch with patience 4 (the same 64-step
+    # window) costs twice the evaluations (an evaluation ≈ 6 training steps) and, replayed on a reduced study's 8 runs,
+    # kept the same best step in 6 of them (bench/README.md). n_train/n_val/n_test are upper limits: a smaller data
+    # set is used whole.
+    "default": dict(seeds=[0, 1, 2], train=dict(epochs=20, n_train=500, n_val=500, n_test=600, batch_size=16,
+                                                max_length=48, eval_every=32, eval_examples=200, save_every=64,
+                                                early_stopping=True, patience=2, min_delta=0.0,
                                                 mixed_precision=native_bf16()),
                     landscape=dict(dims=1, grid=7, range=1.0, examples=48),
                     hessian=dict(top_k=1, examples=16, max_iter=80, tol=1e-3)),
-    "tiny": dict(seeds=[0], train=dict(max_steps=4, n_train=48, n_val=16, n_test=48, batch_size=8, max_length=32),
+    "tiny": dict(seeds=[0], train=dict(max_steps=4, n_train=48, n_val=16, n_test=48, batch_size=8, max_length=32,
+                                       eval_every=2, early_stopping=True, patience=2),
                  landscape=dict(dims=1, grid=3, range=0.5, examples=16),
                  hessian=dict(top_k=1, examples=8, max_iter=40, tol=1e-3)),
 }
-STUDY_FILE, SELECTION_FILE = "study.json", "lr_selection.json"
 # Default learning-rate grids, by what a method trains (METHODS.md): each centred where that kind of method
 # trains at this budget. B against a fixed A starts from B = 0 and needs about 3-10× LoRA's rate; LoRA+'s lr is
 # lr_A (lr_B = 16·lr_A); the head-only grid is the base lr (the head gets 10×, head_lr_mult). The report flags
@@ -59,6 +71,11 @@ STUDY_FILE, SELECTION_FILE = "study.json", "lr_selection.json"
 LR_GRIDS = {"full": [2e-5, 5e-5, 1e-4], "head": [1e-3, 3e-3, 1e-2], "A and B": [3e-4, 1e-3, 3e-3],
             "A and B, LoRA+": [1e-4, 3e-4, 1e-3], "B": [1e-3, 3e-3, 1e-2]}
 SELECT_BY = ("val_metric", "val_loss")
+# An lr chosen at an edge of its grid extends the grid by one grid step on that side and trains there, until the
+# choice is interior or the bound: at most MAX_EXTENSIONS steps per side, never outside LR_BOUNDS. Both are
+# recorded in lr_selection.json, with every extension.
+MAX_EXTENSIONS = 3
+LR_BOUNDS = (1e-6, 1.0)
 
 
 def trains(method):
@@ -69,10 +86,6 @@ def trains(method):
     if not spec.adapter.train_a:
         return "B"
     return "A and B, LoRA+" if spec.adapter.lr_ratio != 1 else "A and B"
-
-
-def run_dir(runs, method, seed, lr):
-    return Path(runs) / f"{method}-lr{lr:g}-s{seed}"
 
 
 def _spectral(ckpt, out, budget, progress):
@@ -152,6 +165,17 @@ def _train_job(runs, method, lr, seed, common):
     return str(out)
 
 
+def _reference_job(runs, common, seed):
+    """The untrained model on the runs' own task and split sizes into RUNS/untrained.json, once (a runs directory
+    holds one study); a classifier's head drawn with `seed`, as that seed's runs start from it."""
+    from adapters import evaluate
+    out = Path(runs) / REFERENCE_FILE
+    if not out.exists():
+        evaluate.run(common["model"], seed=seed, out=out, progress=False,
+                     **{k: common.get(k) for k in evaluate.TASK_OPTIONS})
+    return str(out)
+
+
 def _diagnose_job(run, which, budget):
     diagnose(run, which, BUDGETS[budget])
     return run
@@ -178,12 +202,101 @@ def select_lr(runs, method, grid, seed, by):
                 at_edge=len(grid) > 1 and best in (min(grid), max(grid)))
 
 
+def grid_step(grid, side):
+    """The lr one grid step beyond `grid` on `side` ("up" or "down"): the ratio of its two outermost points on
+    that side (a geometric grid's factor), rounded to two significant digits as the grids are written."""
+    lo, hi = (grid[0], grid[1]) if side == "down" else (grid[-2], grid[-1])
+    return float(f"{(lo * lo / hi if side == 'down' else hi * hi / lo):.2g}")
+
+
+def extension(selection, done, max_extensions=MAX_EXTENSIONS, bounds=LR_BOUNDS):
+    """(the next lr to try, its side) for a choice at the edge of its grid, or (None, why not) when the choice is
+    interior or the bound is reached; `done`: {side: extensions so far}."""
+    grid = selection["grid"]
+    if not selection["at_edge"]:
+        return None, None
+    side = "up" if selection["lr"] == max(grid) else "down"
+    lr = grid_step(grid, side)
+    if done.get(side, 0) >= max_extensions:
+        return None, f"{max_extensions} extensions {side}"
+    if not bounds[0] <= lr <= bounds[1]:
+        return None, f"lr {lr:g} outside [{bounds[0]:g}, {bounds[1]:g}]"
+    return lr, side
+
+
+def search(pool, runs, methods, grids, seed, common, select_by, max_extensions=MAX_EXTENSIONS, progress=True,
+           then=None):
+    """Train every method's grid at `seed`, then extend each grid whose choice is at an edge until it is interior
+    or the bound is reached (every round's new runs side by side). `then(method, lr)`: more runs (train jobs' args)
+    for a method whose choice is final, trained beside the next round's extensions, so that no core waits for
+    another method's extension. Returns {method: selection}, each with its `extensions` ([{lr, side, after}]),
+    `bound` and, where the choice is still at an edge, `bound_reached`."""
+    grids = {m: sorted(grids[m]) for m in methods}
+    new, extra, decided = [(m, lr) for m in methods for lr in grids[m]], [], set()
+    extensions, done, selection, stuck = {m: [] for m in methods}, {m: {} for m in methods}, {}, {}
+    round_ = 0
+    while new or extra:
+        desc = "lr selection" if round_ == 0 else f"lr grid extension {round_}" if new else "seeds"
+        pool.map(_train_job, [(runs, m, lr, seed, common) for m, lr in new] + extra, desc=desc, progress=progress)
+        new, extra = [], []
+        for m in methods:
+            selection[m] = select_lr(runs, m, grids[m], seed, select_by)
+            lr, side = extension(selection[m], done[m], max_extensions)
+            if lr is None:
+                stuck[m] = side  # why the search ends at an edge (None when the choice is interior)
+                if then is not None and m not in decided:
+                    decided.add(m)
+                    extra += then(m, selection[m]["lr"])
+                continue
+            extensions[m].append(dict(lr=lr, side=side, after=selection[m]["lr"]))
+            done[m][side] = done[m].get(side, 0) + 1
+            grids[m] = sorted(grids[m] + [lr])
+            new.append((m, lr))
+        round_ += 1
+    bound = dict(max_extensions_per_side=max_extensions, lr_min=LR_BOUNDS[0], lr_max=LR_BOUNDS[1])
+    return {m: dict(selection[m], extensions=extensions[m], bound=bound, bound_reached=stuck.get(m))
+            for m in methods}
+
+
+def _data_limits(task, data_file, train_kwargs):
+    """The budget's n_train/n_val/n_test as upper limits: what the data has, where it has fewer. Reads the data once
+    (a data problem stops the study here, before Ray starts) and says once what the study uses. Returns the limited
+    settings and the task's type."""
+    from adapters import data
+    fraction = train_kwargs.get("val_fraction", data.VAL_FRACTION)
+    whole = data.load_task(task, data_file, val_fraction=fraction)
+    has = {"n_train": len(whole.train), "n_val": len(whole.val), "n_test": len(whole.test)}
+    limited = {k: min(train_kwargs[k], n) if train_kwargs.get(k) is not None else None for k, n in has.items()}
+    if any(limited[k] != train_kwargs.get(k) for k in has):
+        print(f"data: {whole.name} has {has['n_train']} train / {has['n_val']} val / {has['n_test']} test examples; "
+              "the study uses " + " / ".join(str(limited[k] or has[k]) for k in has)
+              + " (the budget's " + " / ".join(str(train_kwargs.get(k)) for k in has) + " are upper limits)",
+              file=sys.stderr)
+    return {**train_kwargs, **limited}, whole.type
+
+
+def _check_runs(methods, grids, seeds, common, runs, task_type):
+    """Every run's arguments, checked as adapters.train checks them, and the model against the task, before Ray
+    starts (one line, exit 2, instead of an error inside a task)."""
+    import inspect
+    from adapters import models, tasks
+    from adapters.train import _check_arguments, train
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    for m in methods:
+        lr, seed = grids[m][0], seeds[0]
+        _check_arguments({**defaults, **common, "method": m, "lr": lr, "seed": seed, "overwrite": True,
+                          "out": str(run_dir(runs, m, seed, lr))})
+    tasks.check_model(tasks.get_task_type(task_type), common["model"], models.model_family(common["model"]))
+
+
 def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", model="minilm",
-          task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=3, diagnostics=tuple(DIAGNOSE),
-          lr_grid=None, select_by="val_metric", head_lr_mult=None, executor="ray", address=None, cpus_per_run=1,
-          gpus_per_run=0, progress=True, **overrides):
-    """Select each method's lr on validation, train every seed at it, compute the diagnostics; skip what is
-    complete. Returns {method: [final run dirs]} (also in RUNS/lr_selection.json with the selection)."""
+          task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=CHAIN_LENGTH,
+          diagnostics=tuple(DIAGNOSE), lr_grid=None, select_by="val_metric", head_lr_mult=None,
+          max_extensions=MAX_EXTENSIONS, executor="ray", address=None, cpus_per_run=1, gpus_per_run=0, progress=True,
+          **overrides):
+    """Select each method's lr on validation (extending a grid whose choice is at an edge), train every seed at it,
+    compute the diagnostics; skip what is complete. Every argument and data problem is found before Ray starts.
+    Returns {method: [final run dirs]} (also in RUNS/lr_selection.json with the selection)."""
     from analysis.executor import make_executor
     if budget not in BUDGETS:
         raise AdapterError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
@@ -197,25 +310,31 @@ def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", mo
     b = BUDGETS[budget]
     seeds = list(b["seeds"] if seeds is None else seeds)
     grids = {m: sorted(set(lr_grid or LR_GRIDS[trains(m)])) for m in methods}
+    if not (isinstance(max_extensions, int) and max_extensions >= 0):
+        raise AdapterError(f"max_extensions must be an integer >= 0, got {max_extensions!r}")
     train_kwargs = {**b["train"], **{k: v for k, v in overrides.items() if v is not None}}
+    if "max_steps" in overrides and overrides["max_steps"] is not None:
+        train_kwargs.pop("epochs", None)  # --max-steps is the cap instead of the budget's epochs
+    train_kwargs, task_type = _data_limits(task, data_file, train_kwargs)
     common = dict(model=model, task=task, data_file=data_file, rank=rank, alpha=alpha, chain_length=chain_length,
                   head_lr_mult=head_lr_mult, **train_kwargs)
     settings = dict(model=model, task=task, data=str(data_file) if data_file else None, rank=rank, alpha=alpha,
                     chain_length=chain_length, budget=budget, train=train_kwargs, lr_grids=grids,
-                    select_by=select_by, head_lr_mult=head_lr_mult)
+                    select_by=select_by, head_lr_mult=head_lr_mult,
+                    lr_search=dict(max_extensions_per_side=max_extensions, lr_bounds=list(LR_BOUNDS)))
+    _check_runs(methods, grids, seeds, common, runs, task_type)
     _check_settings(runs, settings)
     runs = str(Path(runs).resolve())  # jobs may run in other processes, other working directories
 
     pool = make_executor(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
     try:
-        first = [(runs, m, lr, seeds[0], common) for m in methods for lr in grids[m]]
-        pool.map(_train_job, first, desc="lr selection", progress=progress)
-        selection = {m: select_lr(runs, m, grids[m], seeds[0], select_by) for m in methods}
-        rest = [(runs, m, selection[m]["lr"], s, common) for m in methods for s in seeds[1:]]
-        pool.map(_train_job, rest, desc="seeds", progress=progress)
+        # the other seeds of each method start as soon as its choice is final (beside other methods' extensions)
+        selection = search(pool, runs, methods, grids, seeds[0], common, select_by, max_extensions, progress,
+                           then=lambda m, lr: [(runs, m, lr, s, common) for s in seeds[1:]])
         final = {m: [str(run_dir(runs, m, s, selection[m]["lr"])) for s in seeds] for m in methods}
         jobs = [(run, which, budget) for m in methods for run in final[m] for which in diagnostics]
         pool.map(_diagnose_job, jobs, desc="diagnostics", progress=progress)
+        pool.map(_reference_job, [(runs, common, seeds[0])], desc="untrained model", progress=progress)
         executor_settings = pool.settings()
     finally:
         pool.close()
@@ -225,34 +344,69 @@ def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", mo
     return final
 
 
+# What sweep() applies to an argument not given: the CLI's defaults are these (read once, from the function itself).
+SWEEP_DEFAULTS = {name: p.default for name, p in __import__("inspect").signature(sweep).parameters.items()}
+
+
+def _budget_default(key, where="train"):
+    """'the budget's: default V, tiny W' for --help: the values sweep() applies when the flag is not given."""
+    values = {name: (b[where] if where else b).get(key) for name, b in BUDGETS.items()}
+    return "the budget's: " + ", ".join(f"{name} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                        for name, v in values.items())
+
+
 def _parser():
-    p = ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs", help="directory of the runs (one checkpoint per method and seed)")
+    from adapters.train import _HelpFormatter
+    d = SWEEP_DEFAULTS
+    p = ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0],
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--runs", default=d["runs"], help="directory of the runs (one checkpoint per method and seed)")
     p.add_argument("--out", default="figures", help="where the report's tables and figures go")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    p.add_argument("--seeds", nargs="+", type=int, help="default: the budget's (0 1)")
-    p.add_argument("--budget", default="default", choices=list(BUDGETS))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--task", default="movie-reviews", help="movie-reviews, movie-dialog or fashion-mnist")
-    p.add_argument("--data", dest="data_file", help="your data (see python -m adapters.train --help)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32)
-    p.add_argument("--chain-length", type=int, default=3, help="k for the chained methods")
+    p.add_argument("--methods", nargs="+", default=d["methods"], help="methods to compare")
+    p.add_argument("--seeds", nargs="+", type=int, help=f"seeds of the final runs (default: {_budget_default('seeds', None)})")
+    p.add_argument("--budget", default=d["budget"], choices=list(BUDGETS), help="sizes and steps of the runs and "
+                   "diagnostics")
+    p.add_argument("--model", default=d["model"], help="offline model name, transformers directory or hub id")
+    p.add_argument("--task", default=d["task"], help="movie-reviews, movie-dialog or fashion-mnist")
+    p.add_argument("--data", dest="data_file", help="your data (see python -m adapters.train --help; default: none)")
+    p.add_argument("--rank", type=int, default=d["rank"], help="rank r of each link")
+    p.add_argument("--alpha", type=float, default=d["alpha"], help="scale s = alpha / r")
+    p.add_argument("--chain-length", type=int, default=d["chain_length"], help="links k of the chained methods")
     p.add_argument("--lr-grid", nargs="+", type=float, metavar="LR",
-                   help="one lr grid for every method (default: a grid per kind of method, see LR_GRIDS)")
-    p.add_argument("--select-by", default="val_metric", choices=SELECT_BY,
-                   help="validation score that picks each method's lr (default: the task metric, ties by loss)")
+                   help="one starting lr grid for every method (default: a grid per kind of method: " + "; ".join(
+                       f"{kind} {' '.join(f'{lr:g}' for lr in grid)}" for kind, grid in LR_GRIDS.items()) + ")")
+    p.add_argument("--max-extensions", type=int, default=d["max_extensions"],
+                   help=f"grid steps an edge choice may extend its grid by, per side (lr kept in "
+                        f"[{LR_BOUNDS[0]:g}, {LR_BOUNDS[1]:g}])")
+    p.add_argument("--select-by", default=d["select_by"], choices=SELECT_BY,
+                   help="validation score that picks each method's lr (val_metric: the task metric, ties by loss)")
     p.add_argument("--head-lr-mult", type=float, help="head lr = this × lr (default: 10 for fft and head, else 1)")
-    p.add_argument("--executor", default="ray", choices=["ray", "serial"],
-                   help="ray (default: a local instance, or --address) or serial (in this process, for debugging)")
-    p.add_argument("--address", help="join this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT)")
-    p.add_argument("--cpus-per-run", type=float, default=1, help="CPUs Ray reserves for each run and diagnostic")
-    p.add_argument("--gpus-per-run", type=float, default=0, help="GPUs Ray reserves for each run and diagnostic")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--n-val", type=int)
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--diagnostics", nargs="*", default=list(DIAGNOSE), choices=list(DIAGNOSE))
+    p.add_argument("--executor", default=d["executor"], choices=["ray", "serial"],
+                   help="ray (a local instance, or --address) or serial (in this process, for debugging)")
+    p.add_argument("--address", help="join this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT; default: a "
+                                     "local instance)")
+    p.add_argument("--cpus-per-run", type=float, default=d["cpus_per_run"],
+                   help="CPUs Ray reserves for each run and diagnostic")
+    p.add_argument("--gpus-per-run", type=float, default=d["gpus_per_run"],
+                   help="GPUs Ray reserves for each run and diagnostic")
+    t = p.add_argument_group("the runs (default: the budget's)")
+    t.add_argument("--epochs", type=float, help=f"cap in epochs ({_budget_default('epochs')})")
+    t.add_argument("--max-steps", type=int, help=f"cap in optimizer steps, instead of epochs "
+                                                 f"({_budget_default('max_steps')})")
+    for name in ("n_train", "n_val", "n_test"):
+        t.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"upper limit on the {name[2:]} examples "
+                                                                     f"({_budget_default(name)})")
+    t.add_argument("--eval-every", type=int, help=f"steps between validation evaluations ({_budget_default('eval_every')})")
+    t.add_argument("--patience", type=int, help=f"evaluations without an improvement before a run stops "
+                                                f"({_budget_default('patience')})")
+    t.add_argument("--min-delta", type=float, help=f"an improvement of the validation loss is larger than this "
+                                                   f"({_budget_default('min_delta')})")
+    t.add_argument("--no-early-stopping", dest="early_stopping", action="store_const", const=False,
+                   help="train every run to its cap (and keep the final weights)")
+    t.add_argument("--keep", choices=("best", "final"), help="weights tested and diagnosed (default: best with "
+                                                             "early stopping, final without)")
+    p.add_argument("--diagnostics", nargs="*", default=list(d["diagnostics"]), choices=list(DIAGNOSE),
+                   help="diagnostics of every final run")
     p.add_argument("--no-report", action="store_true", help="only train and diagnose")
     p.add_argument("--readme", default=None, help="also rewrite this README's results section (analysis.report)")
     return p
@@ -261,14 +415,14 @@ def _parser():
 @cli
 def main(argv=None):
     import yaml
-    from adapters.integrations import parse_args_with_config
+    from adapters.config import parse_args_with_config
     from adapters.io import write_text
     args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
     write_text(Path(args["runs"]) / "config.yaml", yaml.safe_dump(args, sort_keys=False))  # the resolved config
     out, no_report, readme = args.pop("out"), args.pop("no_report"), args.pop("readme")
     if readme is not None:
-        from analysis import report
-        report._readme_parts(readme)  # a bad --readme stops the study before hours of training
+        from analysis.readme import readme_parts
+        readme_parts(readme)  # a bad --readme stops the study before hours of training
     sweep(**args)
     if not no_report:
         from analysis import report

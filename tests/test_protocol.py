@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,16 +134,17 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_without_redoing_runs(tmp_pa
     assert selection["executor"]["executor"] == "ray" and selection["executor"]["cpus_per_run"] == 1
     for method in ("cla", "lora"):
         lr = selection["methods"][method]["lr"]
-        assert lr in (3e-3, 3e-2) and selection["methods"][method]["grid"] == [3e-3, 3e-2]
+        grid, added = selection["methods"][method]["grid"], selection["methods"][method]["extensions"]
+        assert lr in grid and sorted([3e-3, 3e-2] + [e["lr"] for e in added]) == grid  # the grid, extended at edges
         assert [os.path.basename(r) for r in on_ray[method]] == [f"{method}-lr{lr:g}-s{s}" for s in (0, 1)]
         assert selection["methods"][method]["runs"] == [f"{method}-lr{lr:g}-s{s}" for s in (0, 1)]  # relative
         for a, b in zip(on_ray[method], serial[method]):
             wa, wb = _weights(tmp_path / "ray" / os.path.basename(a)), _weights(tmp_path / "serial" / os.path.basename(b))
             for k in wa:
                 torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)  # 1 thread per run vs the default
-    # two lrs for seed 0 and the chosen lr for seed 1: five runs per method... no more, no fewer
+    # every lr of the (extended) grid for seed 0 and the chosen lr for seed 1: no more runs, no fewer
     assert sorted(p.name for p in (tmp_path / "ray").iterdir() if p.is_dir()) == sorted(
-        [f"{m}-lr{lr:g}-s0" for m in ("cla", "lora") for lr in (3e-3, 3e-2)]
+        [f"{m}-lr{lr:g}-s0" for m in ("cla", "lora") for lr in selection["methods"][m]["grid"]]
         + [f"{m}-lr{selection['methods'][m]['lr']:g}-s1" for m in ("cla", "lora")])
     stamps = {p.name: (p / "training_stats.json").stat().st_mtime_ns for p in (tmp_path / "ray").iterdir() if p.is_dir()}
     study.sweep(runs=tmp_path / "ray", executor="ray", **kwargs)  # everything is done: nothing is redone
@@ -189,20 +191,166 @@ def test_a_runs_directory_of_another_study_is_refused(tmp_path, tiny_model, caps
 
 # -- the paper's claims, as the report decides them -------------------------------------------------
 
-def test_claims_use_welch_intervals_and_the_reports_own_aggregates():
+def test_claims_compare_the_matched_pairs_by_tost_and_directions_by_intervals():
     from scipy import stats
-    from analysis import report
-    acc = {"lora": [0.80, 0.79, 0.81], "cla": [0.70, 0.72, 0.69], "c3la": [0.78, 0.79, 0.80]}
+    from analysis import claims, summary
+    acc = {"lora": [0.80, 0.79, 0.81], "asym": [0.78, 0.80, 0.79], "cla": [0.70, 0.72, 0.69],
+           "rac": [0.795, 0.80, 0.805], "c3la": [0.79, 0.80, 0.81]}
     intr = {"c3la": [5.0, 6.0, 7.0], "cla": [9.0, 8.0, 10.0]}
-    table = {m: {"test_metric": report.aggregate(v), "intruders": report.aggregate(intr[m]) if m in intr else None}
-             for m, v in acc.items()}
-    found = {c["claim"]: c for c in report.claims(table, [])}
-    cla = found["cla within 3% test accuracy of lora"]
-    welch = stats.ttest_ind(acc["lora"], acc["cla"], equal_var=False).confidence_interval(0.95)
-    assert cla["diff"] == pytest.approx(0.0967, abs=1e-4) and not cla["holds"]
-    assert cla["ci"] == pytest.approx([welch.low, welch.high])
-    assert found["c3la within 3% test accuracy of lora"]["holds"]
+    table = {m: {"test_metric": summary.aggregate(v), "intruders": summary.aggregate(intr[m]) if m in intr else None,
+                 "converged": [True, m != "asym", True]} for m, v in acc.items()}
+    found = {c["claim"]: c for c in claims.claims(table)}
+    # the paper's pairs: cla with its parameter-matched asym and with lora; c3la with rac and with lora
+    assert sorted(k for k in found if "points" in k) == sorted(
+        f"{m} within 3 points of {b} (test accuracy)" for m, b in
+        (("cla", "asym"), ("cla", "lora"), ("c3la", "rac"), ("c3la", "lora")))
+    cla = found["cla within 3 points of lora (test accuracy)"]
+    assert (cla["first"], cla["second"]) == ("cla", "lora")
+    assert cla["diff"] == pytest.approx(np.mean(acc["cla"]) - np.mean(acc["lora"]))  # negative: cla is below lora
+    welch90 = stats.ttest_ind(acc["cla"], acc["lora"], equal_var=False).confidence_interval(0.90)
+    assert cla["ci"] == pytest.approx([welch90.low, welch90.high]) and cla["verdict"] == "different"
+    assert found["c3la within 3 points of rac (test accuracy)"]["verdict"] == "equivalent"
+    assert found["cla within 3 points of asym (test accuracy)"]["not_converged"] == ["asym"]
     more = found["c3la vs cla: more intruders"]
-    assert more["diff"] == pytest.approx(-3.0) and not more["holds"]
-    two_seeds = {m: {"test_metric": report.aggregate(v[:2])} for m, v in acc.items()}
-    assert all(c["ci"] is None for c in report.claims(two_seeds, []))  # no interval below three seeds
+    assert more["diff"] == pytest.approx(-3.0) and more["verdict"] == "fails"
+    two_seeds = {m: {"test_metric": summary.aggregate(v[:2])} for m, v in acc.items()}
+    assert {c["verdict"] for c in claims.claims(two_seeds)} == {"undecided"}  # no interval below three seeds
+
+
+# -- an lr search that contains its optimum ----------------------------------------------------------
+
+def _peaked_training(optimum):
+    """A stand-in for training: validation accuracy peaks at lr = optimum (log scale), written as a run would."""
+    import math
+
+    def fake(runs, method, lr, seed, common):
+        out = study.run_dir(runs, method, seed, lr)
+        out.mkdir(parents=True, exist_ok=True)
+        score = 0.9 - 0.1 * math.log10(lr / optimum) ** 2
+        (out / "training_stats.json").write_text(json.dumps(dict(
+            metric="accuracy", val_metric=score, val_loss=1 - score, test_metric=0.5)))
+        return str(out)
+    return fake
+
+
+def test_grid_steps_follow_the_grids_own_factor():
+    assert study.grid_step([1e-3, 3e-3, 1e-2], "up") == pytest.approx(0.033)
+    assert study.grid_step([1e-3, 3e-3, 1e-2], "down") == pytest.approx(3.3e-4)
+    assert study.grid_step([2e-5, 5e-5, 1e-4], "up") == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("optimum,chosen,added", [
+    (0.1, 0.11, [0.033, 0.11, 0.37]),   # beyond the top: three steps up, the choice is interior
+    (1e-4, 1.1e-4, [3.3e-4, 1.1e-4, 3.7e-5]),  # below the bottom
+    (3e-3, 3e-3, []),                   # inside: nothing added
+])
+def test_a_choice_at_the_edge_extends_the_grid_until_it_is_interior(tmp_path, monkeypatch, optimum, chosen, added):
+    monkeypatch.setattr(study, "_train_job", _peaked_training(optimum))
+    pool = executor.SerialExecutor()
+    common = dict(model="m")
+    sel = study.search(pool, tmp_path, ["cla"], {"cla": [1e-3, 3e-3, 1e-2]}, 0, common, "val_metric",
+                       progress=False)["cla"]
+    assert sel["lr"] == pytest.approx(chosen) and not sel["at_edge"] and sel["bound_reached"] is None
+    assert [e["lr"] for e in sel["extensions"]] == pytest.approx(added)
+    assert sel["grid"] == sorted(sel["grid"]) and len(sel["grid"]) == 3 + len(added)
+    assert sel["bound"]["max_extensions_per_side"] == study.MAX_EXTENSIONS
+
+
+def test_the_grid_extension_stops_at_its_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "_train_job", _peaked_training(10.0))
+    sel = study.search(executor.SerialExecutor(), tmp_path, ["cla"], {"cla": [1e-3, 3e-3, 1e-2]}, 0, {},
+                       "val_metric", max_extensions=2, progress=False)["cla"]
+    assert [e["lr"] for e in sel["extensions"]] == pytest.approx([0.033, 0.11])  # two steps, no third
+    assert sel["lr"] == pytest.approx(0.11) and sel["at_edge"] and sel["bound_reached"] == "2 extensions up"
+    capped = study.search(executor.SerialExecutor(), tmp_path / "b", ["cla"], {"cla": [0.1, 0.3, 0.9]}, 0, {},
+                          "val_metric", progress=False)["cla"]
+    assert capped["extensions"] == [] and "outside [1e-06, 1]" in capped["bound_reached"]  # 2.7 > the lr bound
+
+
+def test_the_sweep_records_its_extensions_in_lr_selection(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "_train_job", _peaked_training(0.05))
+    study.sweep(runs=tmp_path, methods=["cla"], seeds=[0, 1], budget="tiny", lr_grid=[1e-3, 3e-3, 1e-2],
+                diagnostics=(), executor="serial", progress=False)
+    saved = json.loads((tmp_path / study.SELECTION_FILE).read_text())["methods"]["cla"]
+    assert saved["lr"] == pytest.approx(0.033) and [e["lr"] for e in saved["extensions"]] == pytest.approx([0.033, 0.11])
+    assert saved["runs"] == ["cla-lr0.033-s0", "cla-lr0.033-s1"]
+
+
+# -- user data and errors inside Ray ----------------------------------------------------------------
+
+def test_the_budgets_sizes_are_upper_limits_stated_once(tmp_path, tiny_model, capsys):
+    rows = [dict(text=f"review number {i} {'good' if i % 2 else 'bad'}", label=i % 2) for i in range(60)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study.sweep(runs=tmp_path / "r", methods=["cla"], budget="tiny", model=tiny_model, data_file=str(path),
+                lr_grid=[1e-2], diagnostics=(), executor="serial", progress=False, n_test=500)
+    err = capsys.readouterr().err
+    assert err.count("data: mine has") == 1 and "are upper limits" in err
+    meta = adapters.read_meta(tmp_path / "r" / "cla-lr0.01-s0")
+    assert meta["task"]["n_test"] < 500  # what the data has
+
+
+def _fails_with(message):
+    raise adapters.AdapterError(message)
+
+
+def _crashes():
+    return 1 / 0
+
+
+def test_an_error_inside_a_ray_task_is_one_line(tmp_path, local_ray, capsys):
+    pool = executor.RayExecutor(cpus_per_run=1)
+    with pytest.raises(adapters.AdapterError) as e:
+        pool.map(_fails_with, [("n_val=500 is out of range: mine has 240 val examples",)], progress=False)
+    assert str(e.value) == "n_val=500 is out of range: mine has 240 val examples"
+    with pytest.raises(adapters.AdapterError) as e:
+        pool.map(_crashes, [()], desc="train", progress=False)
+    text = str(e.value)
+    assert "\n" not in text and "\x1b" not in text and "ZeroDivisionError: division by zero" in text
+    assert "Traceback" not in text
+
+
+def test_a_study_error_inside_ray_reaches_the_user_as_one_line(tmp_path, tiny_model, local_ray, capsys,
+                                                               monkeypatch):
+    # an error only a run finds (its arguments passed every check before Ray started)
+    monkeypatch.setattr(study, "_train_job", lambda *a: _fails_with("cannot hold chain_length=3 links"))
+    with pytest.raises(SystemExit) as e:
+        study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--lr-grid", "1e-2",
+                    "--model", tiny_model, "--no-report"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == "error: cannot hold chain_length=3 links"
+    assert not any("Traceback" in line or "\x1b" in line for line in err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n-val", "0"], "n_val must be >= 1"),
+    (["--patience", "0"], "patience must be >= 1"),
+    (["--data", "nowhere.csv"], "nowhere.csv"),
+])
+def test_argument_and_data_problems_are_found_before_ray_starts(tmp_path, capsys, monkeypatch, argv, message):
+    import analysis.executor
+    monkeypatch.setattr(analysis.executor, "RayExecutor", None)  # starting Ray would fail the test
+    with pytest.raises(SystemExit) as e:
+        study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--no-report", *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_methods_other_seeds_train_beside_another_methods_extensions(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "_train_job", _peaked_training(0.05))  # cla's optimum beyond its grid
+
+    class Recording(executor.SerialExecutor):
+        rounds = []
+
+        def map(self, fn, jobs, desc="jobs", progress=True):
+            self.rounds.append(sorted((m, lr, s) for _, m, lr, s, _ in jobs))
+            return super().map(fn, jobs, desc, progress)
+    pool = Recording()
+    grids = {"cla": [1e-3, 3e-3, 1e-2], "lora": [1e-2, 3e-2, 1e-1]}  # lora's optimum 0.05: inside its grid
+    sel = study.search(pool, tmp_path, ["cla", "lora"], grids, 0, {}, "val_metric", progress=False,
+                       then=lambda m, lr: [(tmp_path, m, lr, s, {}) for s in (1, 2)])
+    assert sel["lora"]["lr"] == 3e-2 and sel["cla"]["lr"] == pytest.approx(0.033)
+    # round 1: cla's first extension beside lora's other seeds; round 2: cla's second; round 3: cla's seeds
+    assert pool.rounds[1] == sorted([("cla", 0.033, 0), ("lora", 3e-2, 1), ("lora", 3e-2, 2)])
+    assert pool.rounds[2] == [("cla", 0.11, 0)] and pool.rounds[3] == [("cla", 0.033, 1), ("cla", 0.033, 2)]
+    assert len(pool.rounds) == 4

@@ -1,4 +1,5 @@
 """The study: resumable sweep, a report whose numbers are the runs' own, Kendall τ, the main job end to end."""
+import functools
 import json
 import os
 
@@ -8,7 +9,8 @@ from scipy.stats import kendalltau
 
 import adapters
 from adapters import models
-from analysis import report, spectral, study
+from analysis import readme as readme_, records as records_, report, spectral, study, summary, tables
+from bounds.stats import kendall_tau
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,7 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, mo
     import adapters.train
     real_train = adapters.train.train
 
+    @functools.wraps(real_train)  # the same signature: the study checks runs' arguments against train()'s
     def crashing(**kw):
         if kw["method"] == "cla":
             raise KeyboardInterrupt  # the machine went away in the middle of the sweep
@@ -35,7 +38,8 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, mo
     before = done.stat().st_mtime_ns
 
     trained = []
-    monkeypatch.setattr(adapters.train, "train", lambda **kw: trained.append(kw["method"]) or real_train(**kw))
+    monkeypatch.setattr(adapters.train, "train", functools.wraps(real_train)(
+        lambda **kw: trained.append(kw["method"]) or real_train(**kw)))
     study.sweep(**kwargs)
     assert trained == ["cla"] and done.stat().st_mtime_ns == before
     assert (runs / "cla-lr0.01-s0" / "training_stats.json").exists()
@@ -95,8 +99,8 @@ def test_consistency_tau_is_kendall_tau_of_the_method_means(tiny_study):
 def test_kendall_tau_matches_scipy_with_ties(seed):
     rng = np.random.default_rng(seed)
     x, y = rng.integers(0, 4, 9).astype(float), rng.normal(size=9)
-    assert report.kendall_tau(x, y) == pytest.approx(kendalltau(x, y).statistic)
-    assert report.kendall_tau([1.0, 1.0], [2.0, 3.0]) is None  # constant: undefined, not nan
+    assert kendall_tau(x, y) == pytest.approx(kendalltau(x, y).statistic)
+    assert kendall_tau([1.0, 1.0], [2.0, 3.0]) is None  # constant: undefined, not nan
 
 
 def test_main_job_reduced_form_runs_end_to_end(tmp_path):
@@ -108,7 +112,9 @@ def test_main_job_reduced_form_runs_end_to_end(tmp_path):
     assert sorted(result["methods"]) == ["cla", "lora"]
     assert all(os.path.getsize(p) > 0 for p in result["figures"])
     cla = result["methods"]["cla"]
-    assert cla["lr"] in (1e-3, 1e-2) and cla["lr_selection"]["grid"] == [1e-3, 1e-2]
+    sel = cla["lr_selection"]
+    assert {1e-3, 1e-2} <= set(sel["grid"]) and len(sel["grid"]) == 2 + len(sel["extensions"])
+    assert cla["lr"] in sel["grid"] and (not sel["at_edge"] or sel["bound_reached"])  # interior, or at the bound
     assert cla["lr_selection"]["by"] == "val_metric" and result["settings"]["executor"]["executor"] == "ray"
     meta = adapters.read_meta(tmp_path / "runs" / f"cla-lr{cla['lr']:g}-s0")
     assert meta["base_model"] == "minilm" and meta["task"]["name"] == "movie-reviews"
@@ -147,34 +153,34 @@ def test_intruders_compare_every_method_on_the_matrices_the_lora_family_adapts()
     records = [_run("lora", 0, 0.1, layers=[_layer(n, 2) for n in qv]),
                _run("fft", 0, 0.2, layers=[_layer(n, 1 if n in qv else 40) for n in every]),
                _run("head", 0, 0.0, layers=[_layer(n, 0) for n in every])]
-    names = report.compared_matrices(records)
+    names = records_.compared_matrices(records)
     assert names == qv
     for r in records:
-        r["intruders"] = report.restrict_intruders(r, names)
-    table = report.summary(records, names)
+        r["intruders"] = records_.restrict_intruders(r, names)
+    table = summary.summary(records, names)
     assert table["fft"]["intruders"]["mean"] == 1.0  # not pulled up by its keys, FFN and pooler
     assert table["fft"]["intruders"]["matrices"] == qv == table["lora"]["intruders"]["matrices"]
     assert table["head"]["intruders"] is None  # no adapted matrix: n/a, not 0
     assert sorted(table["lora"]["intruders"]["by_type"]) == ["attention.self.query", "attention.self.value"]
     assert table["lora"]["intruders"]["by_type"]["attention.self.value"]["mean"] == 2.0
-    md = report.markdown(table, [report.consistency(records, d) for d in report.DIAGNOSTICS],
+    md = tables.markdown(table, [summary.consistency(records, d) for d in records_.DIAGNOSTICS],
                          dict(runs="runs", runs_count=3, loss_clip=4.0, matrices=names, training_seconds=3.0))
     assert "| Head only | 1 | 0.001 | 100 | " in md and "n/a" in md.split("| Head only")[1].split("\n")[0]
 
 
 def test_intervals_only_from_three_seeds():
     from scipy import stats
-    two, three = report.aggregate([1.0, 2.0]), report.aggregate([1.0, 2.0, 4.0])
+    two, three = summary.aggregate([1.0, 2.0]), summary.aggregate([1.0, 2.0, 4.0])
     assert (two["n"], two["ci"], two["std"]) == (2, None, pytest.approx(np.std([1, 2], ddof=1)))
-    assert report.aggregate([3.0])["std"] is None
+    assert summary.aggregate([3.0])["std"] is None
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean([1, 2, 4]), scale=stats.sem([1, 2, 4]))
     assert three["ci"] == pytest.approx([lo, hi]) and "Student t" in three["ci_method"] and three["n"] == 3
 
     def runs(seeds):
         return [_run(m, s, g + 0.01 * s, mi=mi) for m, g, mi in (("head", 0.0, 1), ("cla", 0.1, 2), ("lora", 0.3, 3))
                 for s in range(seeds)]
-    assert report.consistency(runs(2), "mi_bound")["interval"] is None
-    t = report.consistency(runs(3), "mi_bound", n_boot=200)
+    assert summary.consistency(runs(2), "mi_bound")["interval"] is None
+    t = summary.consistency(runs(3), "mi_bound", n_boot=200)
     assert t["tau"] == pytest.approx(1.0) and t["n"] == {"head": 3, "cla": 3, "lora": 3}
     assert -1 <= t["interval"][0] <= t["interval"][1] <= 1 and "percentile bootstrap" in t["interval_method"]
 
@@ -185,19 +191,21 @@ def test_non_converged_hessians_vacuous_bounds_and_ties_are_shown():
                _run("lora", 0, 0.2, mi=9.0, vacuous=True, hessian=4.0)]
     for r in records:
         r["intruders"] = None
-    table = report.summary(records, [])
+    table = summary.summary(records, [])
     assert table["cla"]["hessian"]["converged"] == [False] and table["rcla"]["hessian"]["converged"] == [True]
-    taus = [report.consistency(records, d) for d in report.DIAGNOSTICS]
+    taus = [summary.consistency(records, d) for d in records_.DIAGNOSTICS]
     hess = next(t for t in taus if t["diagnostic"] == "hessian")
     mi = next(t for t in taus if t["diagnostic"] == "mi_bound")
     assert hess["not_converged"] == 1 and mi["distinct"] == 2
-    md = report.markdown(table, taus, dict(runs="runs", runs_count=3, loss_clip=4.0, matrices=[],
+    md = tables.markdown(table, taus, dict(runs="runs", runs_count=3, loss_clip=4.0, matrices=[],
                                            training_seconds=3.0))
     cla = next(line for line in md.splitlines() if line.startswith("| cLA |"))
     assert "2 †" in cla and "5 ‡" in cla
     assert "MI bound takes 2 distinct values over 3 (it depends on the trained-scalar count P alone)" in md
+    mi_row = next(line for line in md.splitlines() if line.startswith("| MI bound"))
+    assert "| not informative |" in mi_row and not mi["informative"]  # 2 distinct values: no bare τ
     assert "‡ vacuous" in md and "† some Lanczos runs did not converge" in md
-    tex = report.latex(table)
+    tex = tables.latex(table)
     assert r"$^\dagger$" in tex and r"$^\ddagger$" in tex
 
 
@@ -207,12 +215,12 @@ def test_report_writes_the_readme_results_section(tiny_study, tmp_path, capsys):
     root, _ = tiny_study
     readme = tmp_path / "README.md"
     before, after = "# Title\n\nprose before\n\n", "\nprose after\n"
-    readme.write_text(before + report.README_BEGIN + "\nstale numbers 69 %\n" + report.README_END + after)
+    readme.write_text(before + readme_.README_BEGIN + "\nstale numbers 69 %\n" + readme_.README_END + after)
     assert report.main([str(root / "runs"), "--out", str(tmp_path / "fig"), "--formats", "png", "--bootstrap", "20",
                         "--readme", str(readme)]) == 0
     text = readme.read_text()
     saved = json.loads((tmp_path / "fig" / "report.json").read_text())
-    assert text == before + report.README_BEGIN + "\n" + saved["readme_section"] + report.README_END + after
+    assert text == before + readme_.README_BEGIN + "\n" + saved["readme_section"] + readme_.README_END + after
     assert "stale" not in text and saved["markdown"] in saved["readme_section"]
     for link in [line.split("](")[1][:-1] for line in saved["readme_section"].splitlines() if line.startswith("![")]:
         assert (tmp_path / link).exists(), link  # figure links resolve from the README's directory
@@ -232,7 +240,55 @@ def test_the_readme_results_are_the_reports_own():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     text = (root / "README.md").read_text()
-    assert text.count(report.README_BEGIN) == 1 and text.count(report.README_END) == 1
-    section = text.split(report.README_BEGIN)[1].split(report.README_END)[0]
+    assert text.count(readme_.README_BEGIN) == 1 and text.count(readme_.README_END) == 1
+    section = text.split(readme_.README_BEGIN)[1].split(readme_.README_END)[0]
     saved = json.loads((root / "figures" / "report.json").read_text())
     assert section == "\n" + saved.get("readme_section", "(figures/report.json has no README section)")
+
+
+# -- the claims: the bound against every other diagnostic, and how the table reads ------------------------
+
+def _seeded_runs(hessian_of, noise=0.01):
+    """Four methods × three seeds whose MI bound orders the mean gaps; the Hessian as `hessian_of(gap, mi)`; seeds
+    spread by `noise` (0.3: resampled seeds reorder the methods)."""
+    out = []
+    for m, gap, mi, P in (("head", 0.0, 1.0, 10), ("cla", 0.1, 2.0, 20), ("asym", 0.2, 3.0, 30), ("lora", 0.3, 4.0, 40)):
+        for s in range(3):
+            g = gap + noise * (s if m != "cla" else 2 - s) * (1 if s != 1 else -1)
+            r = _run(m, s, g, mi=mi, hessian=hessian_of(g, mi), P=P)
+            r["intruders"] = None
+            out.append(r)
+    return out
+
+
+def test_the_bound_is_compared_with_each_diagnostic_by_a_paired_bootstrap():
+    from analysis import claims
+    records = _seeded_runs(lambda g, mi: 10.0 - mi)  # the Hessian orders the methods backwards
+    table = summary.summary(records, [])
+    rows = [c for c in claims.claims(table, records, n_boot=200) if c["kind"] == "tau"]
+    assert [c["second"] for c in rows] == ["hessian"]  # one row per diagnostic the runs have
+    row = rows[0]
+    assert row["diff"] == pytest.approx(2.0) and row["ci"] == pytest.approx([2.0, 2.0]) and row["verdict"] == "holds"
+    same = _seeded_runs(lambda g, mi: mi + 0.001 * g, noise=0.3)  # the bound's ordering, other values
+    row = next(c for c in claims.claims(summary.summary(same, []), same, n_boot=200) if c["kind"] == "tau")
+    # paired: every resample gives both τ's from the same seeds, so their difference is 0 in each one
+    assert row["diff"] == 0 and row["ci"] == [0.0, 0.0] and row["verdict"] == "undecided"
+    three = [r for r in records if r["method"] != "head"]  # 3 methods: 3 distinct values, τ decides nothing
+    row = next(c for c in claims.claims(summary.summary(three, []), three, n_boot=200) if c["kind"] == "tau")
+    assert row["ci"] == pytest.approx([2.0, 2.0]) and row["verdict"] == "undecided" and "not informative" in row["note"]
+    assert "3 methods, 3 seeds each" in next(line for line in tables.claim_lines([row]) if line.startswith("| the MI"))
+    tau = next(t for t in (summary.consistency(same, d, n_boot=200) for d in ("mi_bound",)))
+    assert tau["interval"][0] < tau["interval"][1]  # while τ itself moves from resample to resample
+
+
+def test_the_claims_table_names_first_and_second_and_says_undecided():
+    from analysis import claims
+    acc = {"lora": [0.80, 0.79, 0.81], "cla": [0.70, 0.72, 0.69], "asym": [0.71, 0.74, 0.70]}
+    table = {m: {"test_metric": summary.aggregate(v), "metric": "accuracy", "converged": [True, True, False]}
+             for m, v in acc.items()}
+    lines = tables.claim_lines(claims.claims(table))
+    vs_lora = next(line for line in lines if line.startswith("| cla within 3 points of lora"))
+    assert "cla − lora = -0.0967" in vs_lora and "| 3 / 3 |" in vs_lora and "Welch 90% [" in vs_lora
+    assert "different" in vs_lora and "stopped at the cap still improving: cla, lora" in vs_lora
+    vs_asym = next(line for line in lines if line.startswith("| cla within 3 points of asym"))
+    assert "cla − asym = -0.0133" in vs_asym and "| undecided (TOST p = " in vs_asym

@@ -430,3 +430,103 @@ def test_plain_peft_lora_directory_loads_with_peft_logits(tmp_path, tiny_dirs):
         torch.testing.assert_close(ours(**batch).logits, peft_model.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
     assert adapters.read_meta(tmp_path / "peft")["method"] == "lora"
     assert {n for n, p in ours.named_parameters() if p.requires_grad} >= {"classifier.weight", "classifier.bias"}
+
+
+# -- what a new user hits (issue 21): chain length, --help, mid-run labels, unreadable data -----------------------
+CHAINED = [n for n, m in adapters.METHODS.items() if m.adapter is not None and m.adapter.chained]
+SMALL_FLAGS = ["--max-steps", "3", "--n-train", "24", "--n-val", "8", "--n-test", "8", "--batch-size", "8",
+               "--rank", "2", "--alpha", "4", "--max-length", "24"]
+
+
+@pytest.mark.parametrize("name", list(adapters.METHODS))
+def test_every_method_resolves_its_own_chain_length(name):
+    from adapters.methods import CHAIN_LENGTH, METHODS, one_link_note, resolve_chain_length
+    spec = METHODS[name].adapter
+    chained = spec is not None and spec.chained
+    assert resolve_chain_length(name) == (CHAIN_LENGTH if chained else 1) and CHAIN_LENGTH > 1
+    assert resolve_chain_length(name, 2) == 2  # asked for: as asked
+    assert (one_link_note(name, 1) is not None) == chained and one_link_note(name, 2) is None
+    if chained:  # its twin is the same adapter without the chain
+        twin = METHODS[spec.twin].adapter
+        assert twin is not None and not twin.chained and spec.twin in one_link_note(name, 1)
+        assert (twin.selector, twin.train_a, twin.b_init, twin.lr_ratio) == (
+            spec.selector, spec.train_a, spec.b_init, spec.lr_ratio)
+
+
+@pytest.mark.parametrize("method", CHAINED)
+def test_a_chained_method_without_chain_length_trains_its_default_links_and_records_them(tmp_path, capsys, tiny_dirs,
+                                                                                         method):
+    out = tmp_path / "out"
+    assert main(["--model", tiny_dirs["bert"], "--method", method, *SMALL_FLAGS, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    k = adapters.METHODS[method].chain_length
+    assert k == 3 and json.loads(captured.out)["chain_length"] == k and "note" not in captured.err
+    assert f"{method} r=2 k=3" in captured.err  # the progress bar names the chain
+    meta = adapters.read_meta(out)
+    assert meta["chain_length"] == k and meta["link_boundaries"] == [1, 2]
+    import yaml
+    assert yaml.safe_load((out / "config.yaml").read_text())["chain_length"] == k
+
+
+def test_one_link_of_a_chained_method_is_allowed_when_asked_for_and_said(tmp_path, capsys, tiny_dirs):
+    out = tmp_path / "out"
+    assert main(["--model", tiny_dirs["bert"], "--method", "c3la", "--chain-length", "1", *SMALL_FLAGS,
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    note = "c3la with chain_length=1 trains a single link, as its non-chained twin cla does"
+    assert f"note: {note}" in captured.err and note in json.loads(captured.out)["note"]
+    assert adapters.read_meta(out)["chain_length"] == 1 and adapters.read_meta(out)["link_boundaries"] == []
+
+
+def test_help_lists_every_method_and_every_default_as_train_applies_it(capsys):
+    import inspect
+    from adapters.train import _parser
+    parser = _parser()
+    signature = inspect.signature(train).parameters
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        assert action.default == signature[action.dest].default, action.dest  # the parser's default is train()'s
+        if action.nargs == 0:  # a flag: off by default
+            continue
+        shown = parser._get_formatter()._expand_help(action)  # the help as printed, before line wrapping
+        if action.default is None:  # computed by the code: the help says how
+            assert "default" in shown, f"{action.dest}: no default in its help"
+        else:
+            assert shown.endswith(f"(default: {action.default})"), action.dest
+    for name, m in adapters.METHODS.items():
+        line = f"{name} {m.description}"
+        assert line + (f" (k = {m.chain_length} links by default)" if m.chain_length > 1 else "") in text, name
+    assert "(default: the method's, 3 for cola, rac, c3la, rc3la; 1 for the others)" in text
+
+
+def test_the_progress_bar_says_what_its_mid_run_numbers_are(tmp_path, capsys, tiny_dirs):
+    _, stats = _train(tmp_path, tiny_dirs["bert"], "cla", max_steps=2, eval_every=1, eval_examples=10,
+                      mixed_precision="bf16", progress=True)
+    err = capsys.readouterr().err
+    assert "val accuracy (bf16, 10 of 16 examples)=" in err and "train loss (running)=" in err
+    assert "val_accuracy=" not in err  # the unlabelled name is gone
+    assert stats["mid_run_eval"] == dict(split="val", examples=10, of=16, precision="bf16")
+    _, stats = _train(tmp_path, tiny_dirs["bert"], "cla", name="fp32", max_steps=1)
+    assert stats["mid_run_eval"]["precision"] == "fp32" and stats["mid_run_eval"]["examples"] == 16
+
+
+def test_a_corrupt_image_is_refused_when_the_folder_is_read(tmp_path, capsys, tiny_dirs):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        folder = tmp_path / "images" / cls
+        folder.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    bad = tmp_path / "images" / "b" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated inside its image data
+    out = tmp_path / "out"
+    code, err = _cli(tmp_path, capsys, "--model", tiny_dirs["bert"], "--data", str(tmp_path / "images"),
+                     "--max-steps", "1", "--out", str(out))
+    assert code == 2 and err == f"error: {bad}: not a readable image (image file is truncated)"
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
