@@ -33,14 +33,14 @@ import yaml
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, evaluate, models, tasks
+from . import checkpoint, data, evaluate, example_losses, models, tasks, taskspec
 from .chain import link_boundaries
 from .config import parse_args_with_config
 from .errors import AdapterError, ArgumentParser, cli
 from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json, write_text
-from .stopping import KEEP, EarlyStopping, finish_chain
 from .methods import CHAIN_LENGTH, METHODS, get_method, method_table, one_link_note, resolve_chain_length
+from .stopping import KEEP, EarlyStopping, finish_chain
 from .tracking import installed_monitor, log_scalars, start_monitor, tracker_config, tracker_names
 
 DEFAULT_LR = {True: 5e-5, False: 1e-3}  # by "trains the pretrained weights": fft vs everything else
@@ -230,7 +230,7 @@ def _accelerator(mixed_precision, log_with=(), project_dir=None):
 
 def train(model="minilm", task="movie-reviews", data_file=None, method="cla", rank=16, alpha=32, targets=None,
           chain_length=None, epochs=1.0, max_steps=None, lr=None, lr_ratio=None, weight_decay=0.0, warmup=0.06,
-          grad_clip=1.0, batch_size=16, max_length=evaluate.MAX_LENGTH, seed=0, out="ckpt", save_trajectory=0,
+          grad_clip=1.0, batch_size=16, max_length=taskspec.MAX_LENGTH, seed=0, out="ckpt", save_trajectory=0,
           resume=False, overwrite=False, n_train=None, n_val=None, n_test=None, val_fraction=data.VAL_FRACTION,
           head_lr_mult=None, group_by_length=True, eval_every=None, eval_examples=512, save_every=None, dropout=0.0,
           early_stopping=False, patience=3, min_delta=0.0, keep=None, mixed_precision=None, report_to="none",
@@ -477,7 +477,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         files = {checkpoint.STATS: lambda p: write_json(p, stats), CONFIG: lambda p: write_text(
             p, yaml.safe_dump(config, sort_keys=False))}
         # The final per-example losses with the digest of the weights they are of, so bounds need not run the model.
-        files[evaluate.EXAMPLE_LOSSES] = lambda p: evaluate.write_example_losses(p, evs, task_meta)
+        files[example_losses.EXAMPLE_LOSSES] = lambda p: example_losses.write_example_losses(p, evs, task_meta)
         if snapshots:
             files["trajectory"] = write_trajectory
         checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name,
@@ -533,7 +533,7 @@ def _parser():
     p.add_argument("--model", default=d["model"], help=f"offline model ({', '.join(models.OFFLINE_MODELS)}), "
                                                        "a transformers directory or a cached hub id")
     # --task, --data, --n-train/val/test, --val-fraction, --max-length: one definition for every command reading a task
-    evaluate.add_task_arguments(p, defaults={k: d[k] for k in ("task", "val_fraction", "max_length")})
+    taskspec.add_task_arguments(p, defaults={k: d[k] for k in ("task", "val_fraction", "max_length")})
     p.add_argument("--method", default=d["method"], help="one of the methods below")
     p.add_argument("--rank", type=int, default=d["rank"], help="rank r of each link")
     p.add_argument("--alpha", type=float, default=d["alpha"], help="scale s = alpha / r")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from adapters.errors import AdapterError, ArgumentParser, cli
-from adapters.evaluate import TASK_OPTIONS, add_task_arguments, examples_arg, task_options
+from adapters.taskspec import TASK_OPTIONS, add_task_arguments, checkpoint_score, examples_arg, task_options
 from adapters.io import write_json
 from analysis import lanczos, spaces
 from adapters.evaluate import eval_mode
@@ -203,7 +203,7 @@ def run(ckpt, **settings):
     batches = to_device(ev.checkpoint_batches(ckpt, s["split"], s["examples"], s["batch_size"], s["seed"], **data),
                         device)
     op = HessianOperator(model, [p for _, p in named], batches, cache_graph=s["cache_graph"],
-                         score=ev.checkpoint_score(ckpt))
+                         score=checkpoint_score(ckpt))
     loss, grad = op.gradient()
     result = {"checkpoint": ckpt, "method": meta.get("method"),
               "settings": {k: v for k, v in s.items() if k not in ("out", "progress", "device", "formats")},

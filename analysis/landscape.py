@@ -33,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
-from adapters.evaluate import TASK_OPTIONS, add_task_arguments, eval_mode, examples_arg, logits_of, task_options
+from adapters.evaluate import eval_mode, logits_of
+from adapters.taskspec import TASK_OPTIONS, add_task_arguments, checkpoint_score, examples_arg, task_options
 from adapters.tasks import class_scores
 from adapters.io import write_json
 from analysis import directions as dirs
@@ -508,7 +509,7 @@ def run(ckpt, **settings):
                                                             "save_every")}
         fingerprint = {**recorded, "ckpt": str(Path(ckpt).resolve()),
                        "direction_norms": [round(i["norm"], 6) for i in info]}
-        grids = landscape_grid(model, weights, D, batches, coords, score=ev.checkpoint_score(ckpt), out_dir=out,
+        grids = landscape_grid(model, weights, D, batches, coords, score=checkpoint_score(ckpt), out_dir=out,
                                fingerprint=fingerprint,
                                save_every=s["save_every"], progress=s["progress"], fresh=s["fresh"])
         main_grid = grids[s["split"]]

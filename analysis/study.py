@@ -31,10 +31,8 @@ from adapters.methods import CHAIN_LENGTH, METHODS
 from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE, run_dir
 
 DEFAULT_METHODS = ["fft", "head", "lora", "lora_plus", "asym", "cola", "rac", "cla", "rcla", "c3la", "rc3la"]
-# Budgets: `default` is the study of the README; `tiny` is its reduced form (CI). The Hessian's Lanczos budget
-# is one that converges (hessian.json records whether it did; the report marks runs that did not): top-1 to
-# a relative Ritz residual of 1e-3, which MiniLM's cLA and LoRA runs reach in 5–7 steps in either space; the
-# 80 allowed leave room, and cost nothing once converged (the Lanczos basis grows with the steps taken).
+
+
 def native_bf16():
     """"bf16" where this machine computes bf16 natively (CUDA, or a CPU with AVX-512 BF16 / AMX: 2.4× faster steps
     for MiniLM here), else "no": elsewhere bf16 would be emulated, slower than fp32."""
@@ -45,6 +43,10 @@ def native_bf16():
     return "bf16" if any(f is not None and f() for f in check) else "no"
 
 
+# Budgets: `default` is the study of the README; `tiny` is its reduced form (CI). The Hessian's Lanczos budget
+# is one that converges (hessian.json records whether it did; the report marks runs that did not): top-1 to
+# a relative Ritz residual of 1e-3, which MiniLM's cLA and LoRA runs reach in 5–7 steps in either space; the
+# 80 allowed leave room, and cost nothing once converged (the Lanczos basis grows with the steps taken).
 BUDGETS = {
     # bf16 autocast, as the paper trains (fp32 master weights; the recorded evaluations and diagnostics are fp32).
     # Converged runs: early stopping on validation loss, evaluated every epoch (32 steps of 500 examples), patience 2
@@ -168,11 +170,11 @@ def _train_job(runs, method, lr, seed, common):
 def _reference_job(runs, common, seed):
     """The untrained model on the runs' own task and split sizes into RUNS/untrained.json, once (a runs directory
     holds one study); a classifier's head drawn with `seed`, as that seed's runs start from it."""
-    from adapters import evaluate
+    from adapters import evaluate, taskspec
     out = Path(runs) / REFERENCE_FILE
     if not out.exists():
         evaluate.run(common["model"], seed=seed, out=out, progress=False,
-                     **{k: common.get(k) for k in evaluate.TASK_OPTIONS})
+                     **{k: common.get(k) for k in taskspec.TASK_OPTIONS})
     return str(out)
 
 

@@ -1,6 +1,7 @@
 """The report's tables: Markdown (the report and the README's results section) and LaTeX (booktabs)."""
 from analysis import style
-from bounds.report import VACUOUS, ties_note
+from bounds.report import ties_note
+from bounds.tables import VACUOUS
 from bounds.stats import LEVEL, MIN_DISTINCT_FOR_TAU, MIN_SEEDS_FOR_INTERVAL
 
 NOT_CONVERGED = "†"

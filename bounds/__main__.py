@@ -17,9 +17,10 @@ import sys
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, ArgumentParser, cli
-from adapters.evaluate import add_task_arguments, task_options
+from adapters.taskspec import add_task_arguments, task_options
 from adapters.io import write_text
-from bounds.report import checkpoint_row, compare, to_latex, to_markdown
+from bounds.report import checkpoint_row, compare
+from bounds.tables import to_latex, to_markdown
 
 
 def parse_args(argv):

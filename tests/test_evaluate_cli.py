@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import adapters
-from adapters import evaluate, models
+from adapters import evaluate, example_losses, models, taskspec
 from adapters.train import train
 from bounds import report as bounds_report
 from bounds.__main__ import main as bounds_main
@@ -92,8 +92,8 @@ def test_bad_input_exits_2_with_one_line(trained, tmp_path, capsys, argv, messag
 # ---- per-example losses: recorded by training, reused by bounds when they are of the same weights and split ----
 
 def test_training_records_the_final_per_example_losses(trained):
-    spec, _ = evaluate.checkpoint_data(trained)
-    recorded, why = evaluate.recorded_losses(trained, spec)
+    spec, _ = taskspec.checkpoint_data(trained)
+    recorded, why = example_losses.recorded_losses(trained, spec)
     assert recorded is not None and "these weights and this split" in why
     fresh = bounds_report.per_example_losses(trained)
     for split in ("train", "test"):
@@ -146,6 +146,6 @@ def test_a_record_of_another_checkpoint_is_not_taken(trained, tmp_path, bases):
     """Two runs of the same data: the weights digest, not the file name, says whose losses they are."""
     other = tmp_path / "other"
     train(model=str(bases["classification"][0]), method="lora", max_steps=4, lr=0.05, seed=1, out=str(other), **TINY)
-    (other / evaluate.EXAMPLE_LOSSES).write_bytes((trained / evaluate.EXAMPLE_LOSSES).read_bytes())
-    recorded, why = evaluate.recorded_losses(other, evaluate.checkpoint_data(other)[0])
+    (other / example_losses.EXAMPLE_LOSSES).write_bytes((trained / example_losses.EXAMPLE_LOSSES).read_bytes())
+    recorded, why = example_losses.recorded_losses(other, taskspec.checkpoint_data(other)[0])
     assert recorded is None and "other weights" in why

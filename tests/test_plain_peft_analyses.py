@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adapters
-from adapters import evaluate, models
+from adapters import evaluate, models, taskspec
 
 
 def _peft_dir(path, base, task_type, targets, auto_class=None):
@@ -56,8 +56,8 @@ def _by_hand(path, data, split, examples=None, attn_implementation=None):
     meta = adapters.read_meta(path)
     kind = tasks.of_meta(meta)
     rows = getattr(adata.load_task(data=str(data)), split)
-    rows = evaluate.subset(rows, examples, 0)
-    b = evaluate.batches(models.load_processor(meta["base_model"]), rows, evaluate.MAX_LENGTH, 32, kind)
+    rows = taskspec.subset(rows, examples, 0)
+    b = evaluate.batches(models.load_processor(meta["base_model"]), rows, taskspec.MAX_LENGTH, 32, kind)
     return adapters.load(path, attn_implementation=attn_implementation), b, kind.score
 
 

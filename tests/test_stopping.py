@@ -6,7 +6,8 @@ import pytest
 
 import adapters
 from adapters import models
-from adapters.evaluate import checkpoint_batches, checkpoint_score, evaluate
+from adapters.evaluate import checkpoint_batches, evaluate
+from adapters.taskspec import checkpoint_score
 from adapters.stopping import EarlyStopping
 from adapters.train import train
 

@@ -1,0 +1,70 @@
+"""Per-example losses recorded with the weights they are of, so that bounds need not run the model again.
+
+adapters.train writes EXAMPLE_LOSSES into the checkpoint (each final split's per-example losses and units) with
+the digest of the weights and of the data split; `recorded_losses` hands them back only when both still match.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+EXAMPLE_LOSSES = "example_losses.safetensors"
+# What recorded losses must share with a later evaluation to stand for it: the data's content and how it is split
+# and cut. The weights are compared by weights_digest.
+SAME_SPLIT = ("type", "sha256", "n_train", "n_val", "n_test", "val_fraction", "max_length")
+
+
+def weights_digest(directory):
+    """sha256 over the files of a checkpoint that fix its fine-tuned function on a verified base: the weights
+    (adapter_model.safetensors or trained.safetensors) and the adapter's scaling (adapter_config.json)."""
+    from .checkpoint import PEFT_CONFIG, PEFT_WEIGHTS, TRAINED
+    h = hashlib.sha256()
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS, TRAINED):
+        file = Path(directory) / name
+        if file.is_file():
+            h.update(name.encode() + b"\0")
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def _split_key(spec):
+    return json.dumps({k: spec.get(k) for k in SAME_SPLIT}, sort_keys=True)
+
+
+def write_example_losses(file, results, spec):
+    """Record the per-example losses and units of summary() `results` ({split: result}) of the final weights on
+    task `spec` (with its type and sha256) at `file`, inside the checkpoint directory being written. Its weights
+    must already be there (checkpoint.save writes its `files` after them): their digest is recorded too."""
+    tensors = {f"{split}.{key}": torch.tensor(r[key], dtype=torch.float64)
+               for split, r in results.items() if r for key in ("losses", "units")}
+    # One metadata entry: safetensors writes several in no fixed order, and a resumed run must write the same bytes.
+    save_file(tensors, str(file), metadata={"record": json.dumps(
+        {"split": _split_key(spec), "weights_sha256": weights_digest(Path(file).parent)}, sort_keys=True)})
+
+
+def recorded_losses(path, spec, splits=("train", "test")):
+    """({split: (losses, units)} recorded by training for exactly these weights and this split of the data, or
+    None; why not, in words). `spec`: the task_spec evaluated, with the loaded task's type and sha256."""
+    file = Path(path) / EXAMPLE_LOSSES
+    if not file.is_file():
+        return None, f"no {EXAMPLE_LOSSES}"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            saved, stored = json.loads((f.metadata() or {})["record"]), {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"unreadable {EXAMPLE_LOSSES} ({type(e).__name__}: {e})"
+    saved = saved if isinstance(saved, dict) else {}
+    if saved.get("split") != _split_key(spec):
+        return None, f"{EXAMPLE_LOSSES} is of another split or data"
+    if saved.get("weights_sha256") != weights_digest(path):
+        return None, f"{EXAMPLE_LOSSES} is of other weights"
+    if not all(f"{s}.{k}" in stored for s in splits for k in ("losses", "units")):
+        return None, f"{EXAMPLE_LOSSES} lacks a split"
+    return {s: (stored[f"{s}.losses"].tolist(), stored[f"{s}.units"].tolist()) for s in splits}, \
+        f"recorded by training in {EXAMPLE_LOSSES}, for these weights and this split"
