@@ -6,8 +6,10 @@
 
 An evaluation improves when its validation loss is below the best so far by more than `min_delta`. The run's cap
 (max steps, or epochs) bounds it; a chained method's link schedule is part of that cap (links end at equal
-shares of it), so stopping ends the chain: the links not yet reached are never trained. The best weights are
-kept with the links they had then: a best evaluation in link j restores link j's folded links and factors.
+shares of it) and stopping acts within the last link only (adapters.train watches the evaluations after the last
+fold): every chained run trains all k links, as the paper's chains do, and its kept weights are the last link's
+best. Were earlier links watched too, a run converging before the first fold would keep link 1 alone, its
+non-chained twin (c3la = cla). The best weights are kept with the links they had then.
 `converged` is False only when the run ended at its cap while its last evaluation was still its best (still
 improving); True when patience ran out or the validation loss had stopped improving before the cap.
 """

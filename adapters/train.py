@@ -253,8 +253,8 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     exactly these arguments).
     `early_stopping`: stop after `patience` validation evaluations (every `eval_every` steps, on the mid-run
     evaluation's examples) without a validation loss lower than the best by more than `min_delta`; the cap is
-    max_steps (or epochs), and a chained method's links end at equal shares of the cap, so stopping ends the chain
-    (adapters.stopping). `keep`: "best" (the default with early stopping) tests and saves the weights of the best
+    max_steps (or epochs); a chained method's links end at equal shares of the cap and stopping watches only the
+    evaluations of the last link, so every link trains (adapters.stopping). `keep`: "best" (the default with early stopping) tests and saves the weights of the best
     evaluation, "final" (the default without) the last ones. Recorded: stopped_at, best_step, converged, kept.
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
     Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
@@ -415,7 +415,10 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
                 ev = _eval_split(accelerator, inner, eval_rows, processor, max_length, 2 * batch_size, kind)
                 history.append(dict(step=step, train_loss_running=sum(running) / len(running),
                                     lr=schedule.get_last_lr()[0], **_split_stats(kind, {"val": ev})))
-                stopped = ev is not None and watch.update(step, ev["loss"], inner)
+                # A chain is watched in its last link only: stopping (or keeping the best of) an earlier link would
+                # leave the later links untrained, its non-chained twin under another name.
+                watched = ev is not None and step > (boundaries[-1] if boundaries else 0)
+                stopped = watched and watch.update(step, ev["loss"], inner)
                 if trackers or monitor is not None:
                     numbers = {k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and k != "step"}
                     log_scalars(accelerator, {**numbers, **(monitor(inner, step) if monitor else {})}, step)
@@ -562,7 +565,7 @@ def _parser():
                    help="validation examples each mid-run evaluation uses (the final one uses every split in full)")
     p.add_argument("--early-stopping", action="store_true",
                    help="stop after --patience evaluations without a lower validation loss (the cap: --max-steps or "
-                        "--epochs; a chain's links end at equal shares of the cap, stopping ends the chain)")
+                        "--epochs; a chain's links end at equal shares of the cap, and stopping acts within the last link)")
     p.add_argument("--patience", type=int, default=d["patience"],
                    help="evaluations without an improvement before stopping")
     p.add_argument("--min-delta", type=float, default=d["min_delta"],

@@ -1,5 +1,5 @@
 """Early stopping: the run stops when validation stops improving, tests and saves the best evaluation's weights, and
-records how it ended; a chained run stopped early keeps the links it had at its best."""
+records how it ended; a chained run trains every link and keeps the best evaluation of its last."""
 import json
 
 import pytest
@@ -63,23 +63,23 @@ def test_a_run_at_its_cap_still_improving_is_not_converged(tmp_path, tiny_model)
     assert stats["converged"] is False and stats["best_step"] == 3
 
 
-def test_a_chained_run_stopped_early_keeps_the_links_of_its_best_evaluation(tmp_path, tiny_model):
-    # k = 3 over a cap of 6 steps: links end after steps 2 and 4. The best evaluation is step 1 (link 1); the run
-    # stops at step 3, in link 2: the kept weights have no link ended, the links not reached stay untrained.
+def test_a_chained_run_trains_every_link_and_keeps_the_best_of_its_last(tmp_path, tiny_model):
+    # k = 3 over a cap of 6 steps: links end after steps 2 and 4. Stopping watches the last link only (steps 5, 6):
+    # were links 1-2 watched too, the best evaluation (step 1 here, with this large min_delta nothing later counts as
+    # better) would keep link 1 alone, c3la's twin cla.
     stats = train(model=tiny_model, method="c3la", chain_length=3, out=tmp_path / "k", max_steps=6,
-                  early_stopping=True, patience=2, min_delta=10.0, **SMALL)
-    assert (stats["best_step"], stats["stopped_at"]) == (1, 3)
+                  early_stopping=True, patience=1, min_delta=10.0, **SMALL)
+    assert stats["best_step"] == 5 and stats["stopped_at"] == 6 and len(stats["history"]) == 6
     meta = adapters.read_meta(tmp_path / "k")
-    assert meta["chain_length"] == 3 and meta["link_boundaries"] == []
-    assert _val_loss(tmp_path / "k") == pytest.approx(stats["history"][0]["val_loss"], rel=1e-5)
-    # best at step 3 (link 2, after the first link ended), stopped at step 5 in link 3: the second fold is undone
-    later = train(model=tiny_model, method="c3la", chain_length=3, out=tmp_path / "l", max_steps=6,
-                  early_stopping=True, patience=2, **{**SMALL, "lr": 1e-1})
-    assert (later["best_step"], later["stopped_at"]) == (3, 5)
-    assert adapters.read_meta(tmp_path / "l")["link_boundaries"] == [2]
-    best = later["history"][2]["val_loss"]
-    assert later["history"][-1]["val_loss"] != pytest.approx(best, rel=1e-5)
-    assert _val_loss(tmp_path / "l") == pytest.approx(best, rel=1e-5) == later["val_loss"]
+    assert meta["chain_length"] == 3 and meta["link_boundaries"] == [2, 4]
+    model = adapters.load(tmp_path / "k")
+    for name, layer in adapters.inject.adapted_layers(model).items():
+        touched = layer.delta_weight().abs().sum(0) > 0  # c3la's link j trains input columns j·r … j·r + r − 1
+        assert touched[:3 * SMALL["rank"]].all(), name
+    # the kept weights are step 5's (the last link's best), not the final step's
+    best = stats["history"][4]["val_loss"]
+    assert stats["history"][-1]["val_loss"] != pytest.approx(best, rel=1e-5)
+    assert _val_loss(tmp_path / "k") == pytest.approx(best, rel=1e-5) == stats["val_loss"]
 
 
 def test_early_stopping_needs_a_validation_split(tmp_path, tiny_model):
