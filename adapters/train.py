@@ -40,7 +40,7 @@ from .errors import AdapterError, ArgumentParser, cli
 from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json, write_text
 from .methods import CHAIN_LENGTH, METHODS, get_method, method_table, one_link_note, resolve_chain_length
-from .stopping import KEEP, EarlyStopping, finish_chain
+from .stopping import KEEP, EarlyStopping
 from .tracking import installed_monitor, log_scalars, start_monitor, tracker_config, tracker_names
 
 DEFAULT_LR = {True: 5e-5, False: 1e-3}  # by "trains the pretrained weights": fft vs everything else
@@ -163,15 +163,12 @@ def _mid_run_label(kind, mid_run):
 
 
 def _keep_weights(model, watch, keep, step):
-    """Load the kept weights (keep="best": the best evaluation's) and return their step. A chain that stopped
-    before its last link ends the links not reached untrained (B = 0: ΔW unchanged), so the checkpoint holds all
-    k links as a full run's does."""
-    kept = step
+    """Load the kept weights (keep="best": the best evaluation's) and return their step. Only the last link of a
+    chain is watched, so the kept weights always hold all k links (no fold to undo, no link left untrained)."""
     if keep == "best" and watch.best_step is not None:
         watch.restore(model)
-        kept = watch.best_step
-    finish_chain(model)
-    return kept
+        return watch.best_step
+    return step
 
 
 def _stopping_stats(watch, early_stopping, keep, stopped_at, kept_step, cap, eval_every, mid_run):
@@ -485,7 +482,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             files["trajectory"] = write_trajectory
         checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name,
                         overwrite=overwrite, files=files,
-                        extra_meta=dict(link_boundaries=[b for b in boundaries if b <= kept_step], task=task_meta,
+                        extra_meta=dict(link_boundaries=boundaries, task=task_meta,
                                         training=hyper))
         shutil.rmtree(partial, ignore_errors=True)
     if trackers:
