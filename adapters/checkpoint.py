@@ -128,13 +128,17 @@ def read_meta(path):
     if not config.get("base_model_name_or_path"):
         raise CheckpointError(f"{path / PEFT_CONFIG}: not a LoRA adapter with base_model_name_or_path")
     heads = config.get("modules_to_save") or []
-    head_shapes = {k: v.shape for k, v in _read_tensors(path / PEFT_WEIGHTS).items() if k.endswith(".weight")}
+    tensors = _read_tensors(path / PEFT_WEIGHTS)
+    head_shapes = {k: v.shape for k, v in tensors.items() if k.endswith(".weight")}
+    # each adapted module's own s as PEFT applies it (rank_pattern, alpha_pattern, use_rslora)
+    scales = {k[len(PEFT_PREFIX):-len(".lora_A.weight")]: None for k in tensors if k.endswith(".lora_A.weight")}
+    scales = {name: _peft_scaling(config, name)[1] for name in scales}
     num_labels = next((shape[0] for k, shape in head_shapes.items()
                        if any(f".{h}." in k for h in heads) and len(shape) == 2), 2)
     return dict(format_version=FORMAT_VERSION, method="lora", rank=config["r"], alpha=config["lora_alpha"],
                 chain_length=1, dropout=config.get("lora_dropout", 0.0), base_model=config["base_model_name_or_path"],
                 base_model_hash=None, num_labels=num_labels, head=sorted(set(heads)), bits=32, peft=True,
-                task_type=_peft_task_type(config))
+                task_type=_peft_task_type(config), scales=scales)
 
 
 def _peft_task_type(config):

@@ -2,6 +2,7 @@
 
     executor = make_executor("ray", address=None, cpus_per_run=1, gpus_per_run=0)
     results = executor.map(fn, [args, ...], desc="train")      # results in job order
+    executor.stream([(priority, fn, args), ...], then=follow_ups)  # jobs that start other jobs as they finish
 
 Every job is a plain function of plain arguments that writes its results to disk and is idempotent (a
 finished job is skipped, an interrupted one resumes), so a retried or re-submitted job never redoes work.
@@ -9,9 +10,12 @@ The local Ray instance is started by the study itself with all of this machine's
 existing cluster instead ("auto", "HOST:PORT", or "ray://HOST:PORT" for Ray Client) — the same command then
 fans out over every node. Multi-GPU training of one run stays on accelerate/torchrun; Ray only schedules runs.
 """
+import heapq
+import itertools
 import os
 import re
 import socket
+import time
 from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
@@ -22,23 +26,83 @@ EXECUTORS = ("ray", "serial")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes in Ray's messages
 
 
-class SerialExecutor:
+class _Executor:
+    """The one job loop of both executors: jobs go out in priority order (lower first, then in the order added) as
+    slots free up, and each finished job's follow-ups (`then`) join the queue at once, so no job waits for work it
+    does not depend on. The executors differ only in how a job runs (`_submit`, `_next_done`) and how many run at
+    once (`_slots`)."""
+
+    def stream(self, jobs, then=None, desc="jobs", progress=True):
+        """Run `jobs` ([(priority, fn, args)]) and the follow-ups `then(fn, args, result)` returns for each finished
+        one (more such triples), until none is left. Returns every job's result, in the order the jobs were added."""
+        queue, results, order = [], {}, itertools.count()
+
+        def add(items):
+            for priority, fn, args in items:
+                heapq.heappush(queue, (priority, next(order), fn, args))
+
+        add(jobs)
+        running, slots = {}, self._slots()
+        began, self.timeline = {}, getattr(self, "timeline", [])
+        with tqdm(total=len(queue), desc=desc, disable=not progress) as bar:
+            while queue or running:
+                while queue and len(running) < slots:
+                    _, i, fn, args = heapq.heappop(queue)
+                    handle = self._submit(fn, args)
+                    running[handle], began[handle] = (i, fn, args), time.perf_counter()
+                handle, result = self._next_done(running, desc)
+                i, fn, args = running.pop(handle)
+                # a job is out only while a slot is free for it, so from its hand-over to its result it ran
+                self.timeline.append((getattr(fn, "__name__", type(fn).__name__), began.pop(handle), time.perf_counter(), slots))
+                results[i] = result
+                more = list(then(fn, args, result)) if then is not None else []
+                add(more)
+                bar.total += len(more)
+                bar.update(1)
+        return [results[i] for i in sorted(results)]
+
+    def map(self, fn, jobs, desc="jobs", progress=True):
+        """fn(*args) for every args of `jobs`; results in job order."""
+        return self.stream([(0, fn, args) for args in jobs], desc=desc, progress=progress)
+
+    def busy(self):
+        """How full the slots were over the jobs run so far: {jobs, slots, wall_s (first hand-over to last result),
+        busy_s (the jobs' time summed), utilisation = busy_s / (slots · wall_s)}; {} before any job."""
+        timeline = getattr(self, "timeline", [])
+        if not timeline:
+            return {}
+        slots = max(t[3] for t in timeline)
+        wall = max(t[2] for t in timeline) - min(t[1] for t in timeline)
+        busy = sum(t[2] - t[1] for t in timeline)
+        return dict(jobs=len(timeline), slots=slots, wall_s=wall, busy_s=busy,
+                    utilisation=busy / (slots * wall) if wall > 0 else 1.0)
+
+
+class SerialExecutor(_Executor):
     """Jobs one after the other in this process (debugging; exceptions surface with their traceback)."""
 
     name = "serial"
 
-    def map(self, fn, jobs, desc="jobs", progress=True):
-        return [fn(*args) for args in tqdm(jobs, desc=desc, disable=not progress)]
+    def _slots(self):
+        return 1
+
+    def _submit(self, fn, args):
+        return object()  # runs when asked for: one at a time, in queue order
+
+    def _next_done(self, running, desc):
+        handle, (_, fn, args) = next(iter(running.items()))
+        return handle, fn(*args)
 
     def settings(self):
-        return dict(executor=self.name)
+        return dict(executor=self.name, **self.busy())
 
     def close(self):
         pass
 
 
-class RayExecutor:
-    """Each job a Ray task with declared resources; Ray retries a task whose worker died (OOM, lost node)."""
+class RayExecutor(_Executor):
+    """Each job a Ray task with declared resources; Ray retries a task whose worker died (OOM, lost node). As many
+    tasks are out as the cluster has slots (its CPUs, and GPUs, over a job's share), so the queue's priorities hold."""
 
     name = "ray"
 
@@ -49,6 +113,7 @@ class RayExecutor:
         self.ray, self.address = ray, address
         self.resources = dict(num_cpus=cpus_per_run, num_gpus=gpus_per_run)
         self.max_retries = max_retries
+        self._remotes = {}
         if not ray.is_initialized():
             # Quiet local start: no dashboard, workers' logs stay in Ray's session directory.
             kwargs = dict(address=address) if address else dict(num_cpus=os.cpu_count(), include_dashboard=False)
@@ -61,27 +126,29 @@ class RayExecutor:
         else:
             self._started = False
 
-    def map(self, fn, jobs, desc="jobs", progress=True):
-        remote = self.ray.remote(max_retries=self.max_retries, **self.resources)(fn)
-        refs = [remote.remote(*args) for args in jobs]
-        index = {ref: i for i, ref in enumerate(refs)}
-        results, pending = [None] * len(refs), list(refs)
-        with tqdm(total=len(refs), desc=desc, disable=not progress) as bar:
-            while pending:
-                done, pending = self.ray.wait(pending, num_returns=1)
-                for ref in done:
-                    try:
-                        results[index[ref]] = self.ray.get(ref)
-                    except self.ray.exceptions.RayTaskError as e:
-                        raise task_error(e, desc) from None
-                    bar.update(1)
-        return results
+    def _slots(self):
+        cluster = self.ray.cluster_resources()
+        fits = [cluster.get(key, 0) / want for key, want in (("CPU", self.resources["num_cpus"]),
+                                                             ("GPU", self.resources["num_gpus"])) if want]
+        return max(1, int(min(fits)))
+
+    def _submit(self, fn, args):
+        if fn not in self._remotes:
+            self._remotes[fn] = self.ray.remote(max_retries=self.max_retries, **self.resources)(fn)
+        return self._remotes[fn].remote(*args)
+
+    def _next_done(self, running, desc):
+        (ref,), _ = self.ray.wait(list(running), num_returns=1)
+        try:
+            return ref, self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:
+            raise task_error(e, desc) from None
 
     def settings(self):
         cluster = self.ray.cluster_resources()
         return dict(executor=self.name, address=self.address or "local", cluster_cpus=cluster.get("CPU", 0),
                     cluster_gpus=cluster.get("GPU", 0), cpus_per_run=self.resources["num_cpus"],
-                    gpus_per_run=self.resources["num_gpus"], max_retries=self.max_retries)
+                    gpus_per_run=self.resources["num_gpus"], max_retries=self.max_retries, **self.busy())
 
     def close(self):
         if self._started:

@@ -480,7 +480,9 @@ def run(ckpt, **settings):
         elif kind == "pca":
             scale = space["parametrization"]["scale"] if space["parametrization"]["name"] == "trained" else None
             from adapters.inject import adapted_layers
-            unfold = {f"{n}.B": scale for n in adapted_layers(model)} if scale else {}
+            # the trained parametrisation's s per layer (spaces.as_trained: one s, or {layer: s})
+            unfold = {f"{n}.B": scale[n] if isinstance(scale, dict) else scale
+                      for n in adapted_layers(model)} if scale else {}
             steps, snaps = load_trajectory(ckpt, named, unfold)
             center = dirs.flatten([w.detach().cpu() for w in weights])
             flat, pinfo = dirs.pca_directions(snaps, center, s["dims"])

@@ -77,7 +77,7 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
     if readme is not None:
         result["readme_section"] = readme_section(result, readme)
     write_text(out / "report.md", md)
-    write_text(out / "report.tex", latex(table))
+    write_text(out / "report.tex", latex(table, settings["reference"]))
     write_json(out / "report.json", result)
     if readme is not None:
         write_readme(readme, result["readme_section"])

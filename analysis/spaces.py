@@ -25,28 +25,34 @@ SPACES = ("trainable", "effective", "all")
 PARAMETRIZATIONS = ("trained", "folded")
 
 
-def scale_of(meta):
-    """s = α/r of the checkpoint's method (recorded as `scale`; a PEFT directory gives lora_alpha / r)."""
-    s = meta.get("scale")
+def scale_of(meta, name=None):
+    """s of the adapted module `name` as the method trained it: the checkpoint's recorded `scale` (one for every
+    module); a PEFT directory's own per module (`scales`: lora_alpha / r after rank_pattern and alpha_pattern,
+    / √r under use_rslora), else lora_alpha / r."""
+    scales = meta.get("scales")
+    if scales is not None and name not in scales:
+        raise AdapterError(f"the adapter directory has no scale for {name}: it adapts {', '.join(sorted(scales))}")
+    s = scales[name] if scales is not None else meta.get("scale")
     if s is None and meta.get("rank"):
         s = meta["alpha"] / meta["rank"]
     if s is not None and not s > 0:
-        raise AdapterError(f"the checkpoint records scale s = {s!r}; it must be > 0")
+        raise AdapterError(f"the checkpoint records scale s = {s!r}{f' for {name}' if name else ''}; it must be > 0")
     return s
 
 
 @torch.no_grad()
 def as_trained(model, meta):
-    """In place: every adapted layer gets the method's scale s back and B = B'/s. Returns s (None: no adapter)."""
+    """In place: every adapted layer gets its scale s back (scale_of) and B = B'/s. Returns s, or {layer: s} where
+    the layers' scales differ (a PEFT rank_pattern / alpha_pattern); None: no adapter."""
     from adapters.inject import adapted_layers
     layers = adapted_layers(model)
     if not layers:
         return None
-    s = scale_of(meta)
-    for layer in layers.values():
-        layer.B.div_(s)
-        layer.scale = s
-    return s
+    scales = {name: scale_of(meta, name) for name in layers}
+    for name, layer in layers.items():
+        layer.B.div_(scales[name])
+        layer.scale = scales[name]
+    return scales if len(set(scales.values())) > 1 else next(iter(scales.values()))
 
 
 @torch.no_grad()

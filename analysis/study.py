@@ -10,8 +10,10 @@ never looked at), and a choice at an edge of the grid extends it by one grid ste
 again) until the choice is interior or the bound (MAX_EXTENSIONS, LR_BOUNDS) is reached; (3) the other seeds train at
 that lr. The first seed's run at the chosen lr is one of the final runs. Every run stops early on its validation
 loss under a cap of epochs (the budget's), and its best evaluation's weights are the ones tested and diagnosed
-(adapters.stopping). Every argument and data problem is found before Ray starts. Runs and diagnostics are Ray tasks (a local Ray instance by default, `--address` for a cluster,
-`--executor serial` in-process), each idempotent, so an interrupted study redoes nothing that finished.
+(adapters.stopping). Every argument and data problem is found before Ray starts. Runs and diagnostics are Ray tasks
+(a local Ray instance by default, `--address` for a cluster, `--executor serial` in-process) in one queue, each
+started as soon as what it needs has finished (a method's extensions, seeds and diagnostics wait for its own runs
+only, never for another method's), and each idempotent, so an interrupted study redoes nothing that finished.
 
 Every run is a normal checkpoint in RUNS/<method>-lr<lr>-s<seed>/; RUNS/lr_selection.json records each method's grid,
 validation scores, chosen lr and final runs. The final runs' diagnostics go beside the checkpoint's files in
@@ -226,38 +228,65 @@ def extension(selection, done, max_extensions=MAX_EXTENSIONS, bounds=LR_BOUNDS):
     return lr, side
 
 
+# The study is one queue of jobs (analysis.executor's stream), each started as soon as what it needs is done; lower
+# goes first: a grid point added at an edge is on the path every later run of its method waits for, a grid run may
+# add one, a seed run and a diagnostic only end work.
+EXTENDED, GRID, SEED, DIAGNOSTIC = 0, 1, 2, 3
+
+
+class Search:
+    """Every method's lr search as jobs that start their follow-ups: the grid at `seed`; when a method's grid is
+    done, its choice, and either one grid step beyond an edge (trained, then chosen again) or, once the choice is
+    final, `final(method, lr)`'s jobs ((priority, fn, args): its other seeds, its diagnostics). No method waits for
+    another's runs.
+    result(): {method: selection}, each with its `extensions` ([{lr, side, after}]), `bound` and, where the choice is
+    still at an edge, `bound_reached`."""
+
+    def __init__(self, runs, methods, grids, seed, common, select_by, max_extensions=MAX_EXTENSIONS, final=None):
+        self.runs, self.methods, self.seed, self.common = runs, list(methods), seed, common
+        self.select_by, self.max_extensions, self.final = select_by, max_extensions, final
+        self.grids = {m: sorted(grids[m]) for m in methods}
+        self.waiting = {m: set(self.grids[m]) for m in methods}  # grid runs not finished yet
+        self.extensions, self.done, self.selection, self.stuck = ({m: [] for m in methods}, {m: {} for m in methods},
+                                                                   {}, {})
+
+    def _run(self, priority, method, lr):
+        return priority, _train_job, (self.runs, method, lr, self.seed, self.common)
+
+    def jobs(self):
+        return [self._run(GRID, m, lr) for m in self.methods for lr in self.grids[m]]
+
+    def then(self, fn, args, result):
+        """The follow-ups of a finished job: none unless it is the last outstanding grid run of its method."""
+        if fn is not _train_job or args[3] != self.seed or args[2] not in self.waiting.get(args[1], ()):
+            return []
+        m, lr = args[1], args[2]
+        self.waiting[m].discard(lr)
+        if self.waiting[m]:
+            return []
+        self.selection[m] = select_lr(self.runs, m, self.grids[m], self.seed, self.select_by)
+        lr, side = extension(self.selection[m], self.done[m], self.max_extensions)
+        if lr is None:
+            self.stuck[m] = side  # why the search ends at an edge (None when the choice is interior)
+            return list(self.final(m, self.selection[m]["lr"])) if self.final is not None else []
+        self.extensions[m].append(dict(lr=lr, side=side, after=self.selection[m]["lr"]))
+        self.done[m][side] = self.done[m].get(side, 0) + 1
+        self.grids[m] = sorted(self.grids[m] + [lr])
+        self.waiting[m].add(lr)
+        return [self._run(EXTENDED, m, lr)]
+
+    def result(self):
+        bound = dict(max_extensions_per_side=self.max_extensions, lr_min=LR_BOUNDS[0], lr_max=LR_BOUNDS[1])
+        return {m: dict(self.selection[m], extensions=self.extensions[m], bound=bound,
+                        bound_reached=self.stuck.get(m)) for m in self.methods}
+
+
 def search(pool, runs, methods, grids, seed, common, select_by, max_extensions=MAX_EXTENSIONS, progress=True,
-           then=None):
-    """Train every method's grid at `seed`, then extend each grid whose choice is at an edge until it is interior
-    or the bound is reached (every round's new runs side by side). `then(method, lr)`: more runs (train jobs' args)
-    for a method whose choice is final, trained beside the next round's extensions, so that no core waits for
-    another method's extension. Returns {method: selection}, each with its `extensions` ([{lr, side, after}]),
-    `bound` and, where the choice is still at an edge, `bound_reached`."""
-    grids = {m: sorted(grids[m]) for m in methods}
-    new, extra, decided = [(m, lr) for m in methods for lr in grids[m]], [], set()
-    extensions, done, selection, stuck = {m: [] for m in methods}, {m: {} for m in methods}, {}, {}
-    round_ = 0
-    while new or extra:
-        desc = "lr selection" if round_ == 0 else f"lr grid extension {round_}" if new else "seeds"
-        pool.map(_train_job, [(runs, m, lr, seed, common) for m, lr in new] + extra, desc=desc, progress=progress)
-        new, extra = [], []
-        for m in methods:
-            selection[m] = select_lr(runs, m, grids[m], seed, select_by)
-            lr, side = extension(selection[m], done[m], max_extensions)
-            if lr is None:
-                stuck[m] = side  # why the search ends at an edge (None when the choice is interior)
-                if then is not None and m not in decided:
-                    decided.add(m)
-                    extra += then(m, selection[m]["lr"])
-                continue
-            extensions[m].append(dict(lr=lr, side=side, after=selection[m]["lr"]))
-            done[m][side] = done[m].get(side, 0) + 1
-            grids[m] = sorted(grids[m] + [lr])
-            new.append((m, lr))
-        round_ += 1
-    bound = dict(max_extensions_per_side=max_extensions, lr_min=LR_BOUNDS[0], lr_max=LR_BOUNDS[1])
-    return {m: dict(selection[m], extensions=extensions[m], bound=bound, bound_reached=stuck.get(m))
-            for m in methods}
+           final=None):
+    """The lr search alone (Search) on `pool`; returns Search.result()."""
+    s = Search(runs, methods, grids, seed, common, select_by, max_extensions, final)
+    pool.stream(s.jobs(), s.then, desc="lr search", progress=progress)
+    return s.result()
 
 
 def _data_limits(task, data_file, train_kwargs):
@@ -329,17 +358,29 @@ def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", mo
     runs = str(Path(runs).resolve())  # jobs may run in other processes, other working directories
 
     pool = make_executor(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
+
+    def diagnostics_of(run):
+        return [(DIAGNOSTIC, _diagnose_job, (str(run), which, budget)) for which in diagnostics]
+
+    def final_runs(m, lr):  # a method's choice is final: its other seeds, and the first seed's diagnostics
+        return [(SEED, _train_job, (runs, m, lr, s, common)) for s in seeds[1:]] + diagnostics_of(
+            run_dir(runs, m, seeds[0], lr))
+
+    lr_search = Search(runs, methods, grids, seeds[0], common, select_by, max_extensions, final=final_runs)
+
+    def then(fn, args, result):  # a finished seed run: its diagnostics; anything else: the search's follow-ups
+        if fn is _train_job and args[3] != seeds[0]:
+            return diagnostics_of(result)
+        return lr_search.then(fn, args, result)
+
     try:
-        # the other seeds of each method start as soon as its choice is final (beside other methods' extensions)
-        selection = search(pool, runs, methods, grids, seeds[0], common, select_by, max_extensions, progress,
-                           then=lambda m, lr: [(runs, m, lr, s, common) for s in seeds[1:]])
-        final = {m: [str(run_dir(runs, m, s, selection[m]["lr"])) for s in seeds] for m in methods}
-        jobs = [(run, which, budget) for m in methods for run in final[m] for which in diagnostics]
-        pool.map(_diagnose_job, jobs, desc="diagnostics", progress=progress)
-        pool.map(_reference_job, [(runs, common, seeds[0])], desc="untrained model", progress=progress)
+        pool.stream(lr_search.jobs() + [(DIAGNOSTIC, _reference_job, (runs, common, seeds[0]))], then,
+                    desc="study: runs and diagnostics", progress=progress)
         executor_settings = pool.settings()
     finally:
         pool.close()
+    selection = lr_search.result()
+    final = {m: [str(run_dir(runs, m, s, selection[m]["lr"])) for s in seeds] for m in methods}
     names = {m: [Path(run).name for run in final[m]] for m in methods}  # relative: the directory may move
     write_json(Path(runs) / SELECTION_FILE, dict(seeds=seeds, select_by=select_by, executor=executor_settings,
                                                  methods={m: dict(selection[m], runs=names[m]) for m in methods}))

@@ -98,15 +98,22 @@ def _rows(table, columns):
     return lines
 
 
-def _reference_row(reference):
-    """The untrained model's line under the methods (adapters.evaluate on the runs' task and splits): its test metric
-    and Ĝ; it trains nothing and has no diagnostics."""
+REFERENCE_LABEL = "untrained model (reference)"
+
+
+def _reference_cells(reference):
+    """The untrained model's cells in COLUMNS' order (adapters.evaluate on the runs' task and splits): its test metric
+    and Ĝ; it trains nothing and has no diagnostics (n/a). None without a reference with train and test splits."""
     if not reference or not {"train", "test"} <= set(reference["splits"]):
-        return []
+        return None
     train, test = reference["splits"]["train"], reference["splits"]["test"]
     cells = {"test_metric": f"{test['metric']:.3g}", "gap": f"{test['loss'] - train['loss']:.3g}"}
-    return ["| untrained model (reference) | – | – | 0 | " + " | ".join(cells.get(k, "n/a") for k, _ in COLUMNS)
-            + " |"]
+    return [cells.get(k, "n/a") for k, _ in COLUMNS]
+
+
+def _reference_row(reference):
+    cells = _reference_cells(reference)
+    return [] if cells is None else [f"| {REFERENCE_LABEL} | – | – | 0 | " + " | ".join(cells) + " |"]
 
 
 def _selection_rows(table):
@@ -146,9 +153,12 @@ def _study_line(study, elapsed=None, executor=None):
     train = ", ".join(f"{k} {v}" for k, v in (study.get("train") or {}).items())
     where = ""
     if elapsed is not None:
-        cpus = f", {executor['cluster_cpus']:g} CPUs" if executor and executor.get("cluster_cpus") else ""
+        executor = executor or {}
+        cpus = f", {executor['cluster_cpus']:g} CPUs" if executor.get("cluster_cpus") else ""
+        busy = (f"; its {executor['jobs']} jobs kept its {executor['slots']} slot{'s' * (executor['slots'] != 1)} busy "
+                f"{executor['utilisation']:.0%} of the time" if executor.get("utilisation") is not None else "")
         where = (f" It took {elapsed / 60:.1f} min from its start to its last result "
-                 f"(executor {(executor or {}).get('executor', 'serial')}{cpus}).")
+                 f"(executor {executor.get('executor', 'serial')}{cpus}{busy}).")
     return [f"Study (runs/study.json): model {study.get('model')}, task {study.get('task')}, r = {study.get('rank')}, "
             f"α = {study.get('alpha')}, chain length k = {study.get('chain_length')} for the chained methods, "
             f"budget {study.get('budget')}: {train}.{where}", ""]
@@ -219,8 +229,9 @@ def _tex(s):
             .replace(VACUOUS, r"$^\ddagger$").replace(NOT_CONVERGED, r"$^\dagger$").replace("W0+ΔW", r"$W_0+\Delta W$"))
 
 
-def latex(table):
-    """A booktabs table, methods grouped as full FT / LoRA family / sparse variants."""
+def latex(table, reference=None):
+    """A booktabs table, methods grouped as full FT / LoRA family / sparse variants; the untrained model's row
+    (`reference`, adapters.evaluate's result) under them."""
     cols = "l" + "r" * (len(COLUMNS) + 2)
     lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
              "Method & $n$ & Trained & " + " & ".join(_tex(c) for _, c in _columns(table, COLUMNS)) + r" \\",
@@ -234,6 +245,9 @@ def latex(table):
             row = table[m]
             lines.append(f"{_tex(style.label(m))} & {len(row['seeds'])} & {row['trained_parameters']:,} & "
                          + " & ".join(_tex(_cell(row, k)) for k, _ in COLUMNS) + r" \\")
+    cells = _reference_cells(reference)
+    if cells is not None:
+        lines += [r"\midrule", f"{REFERENCE_LABEL.capitalize()} & -- & 0 & " + " & ".join(cells) + r" \\"]
     lines += [r"\bottomrule", r"\end{tabular}", "",
               r"% mean $\pm$ sample standard deviation over $n$ seeds; $^\ddagger$ vacuous bound; "
               r"$^\dagger$ Lanczos not converged"]

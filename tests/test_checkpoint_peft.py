@@ -106,3 +106,25 @@ def test_a_tensor_that_lands_nowhere_is_an_error(tmp_path, base_dir):
     save_file(tensors, file)
     with pytest.raises(adapters.CheckpointError, match=r"tensor bert\.encoder\.layer\.0\.attention\.self\.query\.bias"):
         adapters.load(path)
+
+
+@pytest.mark.parametrize("config", [
+    dict(alpha_pattern={"value": 24, r"layer\.1\.attention\.self\.query": 2}),
+    dict(rank_pattern={r".*\.0\..*": 2}, alpha_pattern={"query": 3}, use_rslora=True),
+], ids=["alpha_pattern", "patterns_rslora"])
+def test_the_trained_parametrisation_puts_back_each_modules_own_peft_scale(tmp_path, base_dir, config):
+    """analysis' trainable space of a PEFT directory is PEFT's own: per module, B and the scale PEFT trains with."""
+    import peft
+    from analysis import spaces
+    path = _peft_dir(tmp_path / "peft", base_dir, **config)
+    ours = adapters.load(path)
+    s = spaces.as_trained(ours, adapters.read_meta(path))
+    theirs = peft.PeftModel.from_pretrained(models.load_model(base_dir, 2), str(path)).base_model.model
+    from adapters.inject import adapted_layers
+    layers = adapted_layers(ours)
+    assert isinstance(s, dict) and set(s) == set(layers) and len(set(s.values())) > 1
+    for name, layer in layers.items():
+        peft_layer = theirs.get_submodule(name)
+        assert layer.scale == pytest.approx(peft_layer.scaling["default"], rel=1e-12)
+        torch.testing.assert_close(layer.B, peft_layer.lora_B["default"].weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(_logits(ours), _peft_logits(path, base_dir), rtol=0, atol=1e-6)  # the same function

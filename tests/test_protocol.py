@@ -336,21 +336,39 @@ def test_argument_and_data_problems_are_found_before_ray_starts(tmp_path, capsys
     assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
 
 
-def test_a_methods_other_seeds_train_beside_another_methods_extensions(tmp_path, monkeypatch):
+class _Simulated(executor._Executor):
+    """The executors' job loop on a virtual clock: `slots` jobs at a time, each taking one time unit; records every
+    job's (method, lr, seed, start)."""
+
+    def __init__(self, slots):
+        self.slots, self.now, self.starts = slots, 0, []
+
+    def _slots(self):
+        return self.slots
+
+    def _submit(self, fn, args):
+        self.starts.append((args[1], args[2], args[3], self.now))
+        return (self.now + 1, len(self.starts))  # (finish time, a unique handle)
+
+    def _next_done(self, running, desc):
+        handle = min(running)  # the first to finish (ties: the first submitted)
+        self.now = handle[0]
+        _, fn, args = running[handle]
+        return handle, fn(*args)
+
+
+def test_the_study_has_no_barrier_a_methods_follow_ups_start_when_its_own_runs_are_done(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "_train_job", _peaked_training(0.05))  # cla's optimum beyond its grid
-
-    class Recording(executor.SerialExecutor):
-        rounds = []
-
-        def map(self, fn, jobs, desc="jobs", progress=True):
-            self.rounds.append(sorted((m, lr, s) for _, m, lr, s, _ in jobs))
-            return super().map(fn, jobs, desc, progress)
-    pool = Recording()
+    pool = _Simulated(slots=2)
+    monkeypatch.setattr(executor.time, "perf_counter", lambda: pool.now)  # the executor's clock: the virtual one
     grids = {"cla": [1e-3, 3e-3, 1e-2], "lora": [1e-2, 3e-2, 1e-1]}  # lora's optimum 0.05: inside its grid
     sel = study.search(pool, tmp_path, ["cla", "lora"], grids, 0, {}, "val_metric", progress=False,
-                       then=lambda m, lr: [(tmp_path, m, lr, s, {}) for s in (1, 2)])
+                       final=lambda m, lr: [(study.SEED, study._train_job, (tmp_path, m, lr, s, {})) for s in (1, 2)])
     assert sel["lora"]["lr"] == 3e-2 and sel["cla"]["lr"] == pytest.approx(0.033)
-    # round 1: cla's first extension beside lora's other seeds; round 2: cla's second; round 3: cla's seeds
-    assert pool.rounds[1] == sorted([("cla", 0.033, 0), ("lora", 3e-2, 1), ("lora", 3e-2, 2)])
-    assert pool.rounds[2] == [("cla", 0.11, 0)] and pool.rounds[3] == [("cla", 0.033, 1), ("cla", 0.033, 2)]
-    assert len(pool.rounds) == 4
+    start = {(m, round(lr, 6), s): t for m, lr, s, t in pool.starts}
+    assert len(start) == 3 + 2 + 3 + 2 + 2  # cla: grid, 2 extensions, 2 seeds; lora: grid, 2 seeds
+    # cla's grid ends at t = 2: its extension goes first, before lora's queued grid runs; the next one at once
+    assert start[("cla", 0.033, 0)] == 2 and start[("cla", 0.11, 0)] == 3
+    # no slot idles while a job is waiting: 12 jobs on 2 slots end at t = 6 (rounds with a barrier: t = 7)
+    assert max(start.values()) + 1 == 6
+    assert pool.busy() == dict(jobs=12, slots=2, wall_s=6, busy_s=12, utilisation=1.0)  # what the study records

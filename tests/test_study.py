@@ -292,3 +292,12 @@ def test_the_claims_table_names_first_and_second_and_says_undecided():
     assert "different" in vs_lora and "stopped at the cap still improving: cla, lora" in vs_lora
     vs_asym = next(line for line in lines if line.startswith("| cla within 3 points of asym"))
     assert "cla − asym = -0.0133" in vs_asym and "| undecided (TOST p = " in vs_asym
+
+
+def test_the_study_records_how_busy_its_slots_were(tiny_study):
+    root, result = tiny_study
+    ex = json.loads((root / "runs" / "lr_selection.json").read_text())["executor"]
+    # every job of the one queue: 3 methods x 2 seeds, each final run's 5 diagnostics, the untrained reference
+    assert ex["jobs"] == 6 + 6 * 5 + 1 and ex["slots"] == 1
+    assert 0 < ex["busy_s"] <= ex["wall_s"] and ex["utilisation"] == pytest.approx(ex["busy_s"] / ex["wall_s"])
+    assert f"its 37 jobs kept its 1 slot busy {ex['utilisation']:.0%} of the time" in result["markdown"]

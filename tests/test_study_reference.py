@@ -29,3 +29,15 @@ def test_the_report_shows_the_untrained_model_on_the_runs_splits(tiny_study, tin
     assert row["test acc."] == f"{want['test']['metric']:.3g}"
     assert row["Ĝ"] == f"{want['test']['loss'] - want['train']['loss']:.3g}"
     assert row["trained scalars"] == "0" and row["MI bound"] == "n/a"
+
+
+def test_the_latex_table_has_the_same_reference_row(tiny_study):
+    root, result = tiny_study
+    tex = (root / "figures" / "report.tex").read_text()
+    [line] = [x for x in tex.splitlines() if x.startswith("Untrained model (reference) &")]
+    cells = [c.strip() for c in line.removesuffix(r"\\").split("&")]
+    head = next(x for x in tex.splitlines() if x.startswith("Method &"))
+    assert len(cells) == len(head.split("&"))  # one cell per column, the row after the methods' rows
+    md = next(x for x in result["markdown"].splitlines() if x.startswith("| untrained model (reference) |"))
+    assert cells[2:] == [c.strip() for c in md.strip("|").split("|")][3:]  # trained 0, then the same numbers
+    assert tex.splitlines().index(line) > max(i for i, x in enumerate(tex.splitlines()) if x.startswith("cLA &"))
