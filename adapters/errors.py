@@ -1,4 +1,4 @@
-"""One error type for bad input, and the CLI wrapper that turns it into one line + exit 2."""
+"""One error type for bad input, the CLI wrapper that turns it into one line + exit 2, and the CLIs' parser."""
 import argparse
 import sys
 from functools import wraps
@@ -32,3 +32,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise AdapterError(message)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default, read off the parser (whose defaults are the function's own); a flag
+    without one (None) says in its help what the code does instead."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return text  # a flag (store_true/false), or a default that is computed: its help says which
+        return f"{text} (default: %(default)s)"

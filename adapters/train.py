@@ -14,7 +14,6 @@ methods end a link at equal shares of the run (one learning-rate schedule for th
 --mixed-precision bf16/fp16 trains under autocast (fp32 master weights); the final evaluation, the one recorded,
 always runs in fp32 eval mode, so it is what a fresh evaluation of the loaded checkpoint gives.
 """
-import argparse
 import inspect
 import json
 import math
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, data, evaluate, example_losses, models, tasks, taskspec
 from .chain import link_boundaries
 from .config import parse_args_with_config
-from .errors import AdapterError, ArgumentParser, cli
+from .errors import AdapterError, ArgumentParser, HelpFormatter, cli
 from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json, write_text
 from .methods import CHAIN_LENGTH, METHODS, get_method, method_table, one_link_note, resolve_chain_length
@@ -180,7 +179,7 @@ def _stopping_stats(watch, early_stopping, keep, stopped_at, kept_step, cap, eva
                                     min_delta=watch.min_delta, eval_every=eval_every, on=mid_run))
 
 
-def _check_arguments(args):
+def check_arguments(args):
     """Refuse bad arguments before anything is read, loaded or written (one line each)."""
     get_method(args["method"])
     for name, (text, ok) in RANGES.items():
@@ -260,7 +259,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     args = dict(locals())  # exactly the arguments: checked here, and recorded in the resumable state
     from accelerate.utils import set_seed
 
-    _check_arguments(args)
+    check_arguments(args)
     args["chain_length"] = chain_length = resolve_chain_length(method, chain_length)  # recorded as resolved
     if keep not in (None, *KEEP):
         raise AdapterError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
@@ -509,17 +508,6 @@ def _read_state(state_file, results_args):
     return state
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each flag's help ends with its default, read off the parser (whose defaults are train()'s own); a flag
-    without one (None) says in its help what the code does instead."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
-            return text  # a flag (store_true/false), or a default that is computed: its help says which
-        return f"{text} (default: %(default)s)"
-
-
 def _by_method(value, default):
     """'name v, ...' for the methods whose `value(method)` is not `default` (for --help)."""
     return ", ".join(f"{name} {value(m):g}" for name, m in METHODS.items() if value(m) != default)
@@ -529,7 +517,7 @@ def _parser():
     d = {name: p.default for name, p in inspect.signature(train).parameters.items()}  # what train() applies
     chained = [name for name, m in METHODS.items() if m.chain_length > 1]
     p = ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0],
-                       formatter_class=_HelpFormatter, epilog="methods (--method):\n" + method_table())
+                       formatter_class=HelpFormatter, epilog="methods (--method):\n" + method_table())
     p.add_argument("--model", default=d["model"], help=f"offline model ({', '.join(models.OFFLINE_MODELS)}), "
                                                        "a transformers directory or a cached hub id")
     # --task, --data, --n-train/val/test, --val-fraction, --max-length: one definition for every command reading a task

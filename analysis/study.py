@@ -27,7 +27,7 @@ on the same task and splits (RUNS/untrained.json, adapters.evaluate), is the rep
 import sys
 from pathlib import Path
 
-from adapters.errors import AdapterError, ArgumentParser, cli
+from adapters.errors import AdapterError, ArgumentParser, HelpFormatter, cli
 from adapters.io import write_json
 from adapters.methods import CHAIN_LENGTH, METHODS
 from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE, run_dir
@@ -311,11 +311,11 @@ def _check_runs(methods, grids, seeds, common, runs, task_type):
     starts (one line, exit 2, instead of an error inside a task)."""
     import inspect
     from adapters import models, tasks
-    from adapters.train import _check_arguments, train
+    from adapters.train import check_arguments, train
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
     for m in methods:
         lr, seed = grids[m][0], seeds[0]
-        _check_arguments({**defaults, **common, "method": m, "lr": lr, "seed": seed, "overwrite": True,
+        check_arguments({**defaults, **common, "method": m, "lr": lr, "seed": seed, "overwrite": True,
                           "out": str(run_dir(runs, m, seed, lr))})
     tasks.check_model(tasks.get_task_type(task_type), common["model"], models.model_family(common["model"]))
 
@@ -399,10 +399,9 @@ def _budget_default(key, where="train"):
 
 
 def _parser():
-    from adapters.train import _HelpFormatter
     d = SWEEP_DEFAULTS
     p = ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0],
-                       formatter_class=_HelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--runs", default=d["runs"], help="directory of the runs (one checkpoint per method and seed)")
     p.add_argument("--out", default="figures", help="where the report's tables and figures go")
     p.add_argument("--methods", nargs="+", default=d["methods"], help="methods to compare")
