@@ -72,7 +72,7 @@ def main():
                            for _ in range(3)) for attn in (None, "eager")}
         for attn, t in loads.items():
             rows.append(("diagnostic", f"of which a checkpoint load, warm ({attn or 'sdpa'} attention)", t, t / every))
-        rows.append(("diagnostic", "of which loading, all five jobs (4 sdpa/eager loads + spectral's weights)",
+        rows.append(("diagnostic", "of which loading: the four jobs' model loads (spectral streams its weights)",
                      2 * loads[None] + 2 * loads["eager"], (2 * loads[None] + 2 * loads["eager"]) / every))
 
     print(f"precision {budget['train']['mixed_precision']}, torch {torch.__version__}, 1 thread")
