@@ -32,6 +32,8 @@ class _Executor:
     does not depend on. The executors differ only in how a job runs (`_submit`, `_next_done`) and how many run at
     once (`_slots`)."""
 
+    timeline = ()  # (job name, hand-over, result, slots) of every job run so far, for busy()
+
     def stream(self, jobs, then=None, desc="jobs", progress=True):
         """Run `jobs` ([(priority, fn, args)]) and the follow-ups `then(fn, args, result)` returns for each finished
         one (more such triples), until none is left. Returns every job's result, in the order the jobs were added."""
@@ -43,7 +45,7 @@ class _Executor:
 
         add(jobs)
         running, slots = {}, self._slots()
-        began, self.timeline = {}, getattr(self, "timeline", [])
+        began, self.timeline = {}, list(self.timeline)
         with tqdm(total=len(queue), desc=desc, disable=not progress) as bar:
             while queue or running:
                 while queue and len(running) < slots:
@@ -53,7 +55,8 @@ class _Executor:
                 handle, result = self._next_done(running, desc)
                 i, fn, args = running.pop(handle)
                 # a job is out only while a slot is free for it, so from its hand-over to its result it ran
-                self.timeline.append((getattr(fn, "__name__", type(fn).__name__), began.pop(handle), time.perf_counter(), slots))
+                name = getattr(fn, "__name__", type(fn).__name__)
+                self.timeline.append((name, began.pop(handle), time.perf_counter(), slots))
                 results[i] = result
                 more = list(then(fn, args, result)) if then is not None else []
                 add(more)
@@ -68,13 +71,12 @@ class _Executor:
     def busy(self):
         """How full the slots were over the jobs run so far: {jobs, slots, wall_s (first hand-over to last result),
         busy_s (the jobs' time summed), utilisation = busy_s / (slots · wall_s)}; {} before any job."""
-        timeline = getattr(self, "timeline", [])
-        if not timeline:
+        if not self.timeline:
             return {}
-        slots = max(t[3] for t in timeline)
-        wall = max(t[2] for t in timeline) - min(t[1] for t in timeline)
-        busy = sum(t[2] - t[1] for t in timeline)
-        return dict(jobs=len(timeline), slots=slots, wall_s=wall, busy_s=busy,
+        slots = max(t[3] for t in self.timeline)
+        wall = max(t[2] for t in self.timeline) - min(t[1] for t in self.timeline)
+        busy = sum(t[2] - t[1] for t in self.timeline)
+        return dict(jobs=len(self.timeline), slots=slots, wall_s=wall, busy_s=busy,
                     utilisation=busy / (slots * wall) if wall > 0 else 1.0)
 
 
