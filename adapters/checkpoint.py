@@ -131,8 +131,7 @@ def read_meta(path):
     tensors = _read_tensors(path / PEFT_WEIGHTS)
     head_shapes = {k: v.shape for k, v in tensors.items() if k.endswith(".weight")}
     # each adapted module's own s as PEFT applies it (rank_pattern, alpha_pattern, use_rslora)
-    scales = {k[len(PEFT_PREFIX):-len(".lora_A.weight")]: None for k in tensors if k.endswith(".lora_A.weight")}
-    scales = {name: _peft_scaling(config, name)[1] for name in scales}
+    scales = {name: _peft_scaling(config, name)[1] for name in _lora_modules(tensors)}
     num_labels = next((shape[0] for k, shape in head_shapes.items()
                        if any(f".{h}." in k for h in heads) and len(shape) == 2), 2)
     return dict(format_version=FORMAT_VERSION, method="lora", rank=config["r"], alpha=config["lora_alpha"],
@@ -200,6 +199,11 @@ def _pattern_value(patterns, name, default):
     return default
 
 
+def _lora_modules(tensors):
+    """{module name: its lora_A key} of a PEFT adapter's tensors, the names as the base model has them."""
+    return {key[len(PEFT_PREFIX):-len(".lora_A.weight")]: key for key in tensors if key.endswith(".lora_A.weight")}
+
+
 def _peft_scaling(config, name):
     """(r, scaling) PEFT gives module `name`: lora_alpha / r, or lora_alpha / √r with use_rslora."""
     r = _pattern_value(config.get("rank_pattern"), name, config["r"])
@@ -228,17 +232,16 @@ def lowrank_factors(path):
     config = _peft_config(path)
     tensors = _read_tensors(path / PEFT_WEIGHTS)
     factors = {}
-    for key, A in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            name = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
-            B = tensors.get(key.replace(".lora_A.", ".lora_B."))
-            if B is None:
-                raise CheckpointError(f"corrupt adapter {path}: {name} has lora_A but no lora_B")
-            r, scaling = _peft_scaling(config, name)
-            if A.shape[0] != r:
-                raise CheckpointError(f"corrupt adapter {path}: {name} has rank {A.shape[0]} but "
-                                      f"{PEFT_CONFIG} gives it r={r}")
-            factors[name] = (B.float() * scaling, A.float())
+    for name, key in _lora_modules(tensors).items():
+        A = tensors[key]
+        B = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if B is None:
+            raise CheckpointError(f"corrupt adapter {path}: {name} has lora_A but no lora_B")
+        r, scaling = _peft_scaling(config, name)
+        if A.shape[0] != r:
+            raise CheckpointError(f"corrupt adapter {path}: {name} has rank {A.shape[0]} but "
+                                  f"{PEFT_CONFIG} gives it r={r}")
+        factors[name] = (B.float() * scaling, A.float())
     if not factors:
         raise CheckpointError(f"corrupt adapter {path}: no LoRA weights in {PEFT_WEIGHTS}")
     return factors
