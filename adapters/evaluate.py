@@ -46,11 +46,12 @@ def batch_scores(model, batch, score=tasks.class_scores):
 
 
 def summary(sums, units, correct):
-    """{"loss": Σ loss / Σ units, "accuracy": Σ correct / Σ units, "losses": per-example loss, "units"} from
-    per-example lists."""
+    """{"loss": Σ loss / Σ units, "accuracy": Σ correct / Σ units, "losses": per-example loss, "units",
+    "correct": per-example number correct (0/1 for a classifier, correctly predicted completion tokens for a causal
+    LM)} from per-example lists: the per-example lists pair two runs on the same examples."""
     total = sum(units)
     return {"loss": sum(sums) / total, "accuracy": sum(correct) / total,
-            "losses": [s / u for s, u in zip(sums, units)], "units": list(units)}
+            "losses": [s / u for s, u in zip(sums, units)], "units": list(units), "correct": list(correct)}
 
 
 @contextmanager

@@ -10,7 +10,8 @@ classifier), how examples are batched and what the loss is; everything else here
 Runs on accelerate, so the same command works under `accelerate launch` / torchrun (DDP): the batch
 size is global (split over processes) and every random draw (selectors, head init, data order) comes
 from --seed, so every process agrees. AdamW, warmup + linear decay, gradient clipping; chained
-methods end a link at equal shares of the run (one learning-rate schedule for the whole run).
+methods end a link at equal shares of the run, or with --early-stopping when the link converges (at most its
+share); one learning-rate schedule runs over the whole run.
 --mixed-precision bf16/fp16 trains under autocast (fp32 master weights); the final evaluation, the one recorded,
 always runs in fp32 eval mode, so it is what a fresh evaluation of the loaded checkpoint gives.
 """
@@ -32,20 +33,20 @@ import yaml
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, evaluate, example_losses, models, tasks, taskspec
+from . import checkpoint, data, evaluate, example_losses, models, pairing, tasks, taskspec
 from .chain import link_boundaries
 from .config import parse_args_with_config
 from .errors import AdapterError, ArgumentParser, HelpFormatter, cli
 from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json, write_text
 from .methods import CHAIN_LENGTH, METHODS, get_method, method_table, one_link_note, resolve_chain_length
-from .stopping import KEEP, EarlyStopping
+from .stopping import KEEP, LinkByLink, finish_chain
 from .tracking import installed_monitor, log_scalars, start_monitor, tracker_config, tracker_names
 
 DEFAULT_LR = {True: 5e-5, False: 1e-3}  # by "trains the pretrained weights": fft vs everything else
 EVALS_PER_RUN = 5  # mid-run evaluations when eval_every is not given
 STATE = "state.pt"  # the resumable state, in OUT.partial/
-STATE_VERSION = 3  # bump when the resumable state changes: an older state.pt is refused, not misread
+STATE_VERSION = 4  # bump when the resumable state changes: an older state.pt is refused, not misread
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -161,19 +162,29 @@ def _mid_run_label(kind, mid_run):
     return f"val {kind.metric} ({mid_run['precision']}, {mid_run['examples']} of {mid_run['of']} examples)"
 
 
+def _link_caps(total, chain_length):
+    """The most steps each link may train: its share of the run, round(j·T/k) − round((j−1)·T/k)."""
+    ends = [0, *link_boundaries(total, chain_length), total]
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
 def _keep_weights(model, watch, keep, step):
-    """Load the kept weights (keep="best": the best evaluation's) and return their step. Only the last link of a
-    chain is watched, so the kept weights always hold all k links (no fold to undo, no link left untrained)."""
-    if keep == "best" and watch.best_step is not None:
-        watch.restore(model)
-        return watch.best_step
-    return step
+    """Load the kept weights (keep="best": the best evaluation's, over every link) and return (their step, their
+    link). A best evaluation in link j < k is restored with its links and the chain finished there: the later links
+    stay untrained (B = 0), so the model holds all k links, as checkpoint.save expects, with ΔW unchanged."""
+    if keep == "best" and watch.run.best_step is not None:
+        watch.run.restore(model)
+        finish_chain(model)
+        return watch.run.best_step, watch.best_link
+    return step, watch.index + 1
 
 
 def _stopping_stats(watch, early_stopping, keep, stopped_at, kept_step, cap, eval_every, mid_run):
-    """training_stats' record of how the run ended and which weights it kept (adapters.stopping)."""
+    """training_stats' record of how the run ended, link by link, and which weights it kept (adapters.stopping)."""
+    best = watch.run
     return dict(stopped_at=stopped_at, cap_steps=cap,
-                best_step=watch.best_step, best_val_loss=None if watch.best_step is None else watch.best_loss,
+                best_step=best.best_step, best_val_loss=None if best.best_step is None else best.best_loss,
+                best_link=watch.best_link, links=watch.links(),
                 converged=watch.converged(), kept=keep, kept_step=kept_step,
                 early_stopping=dict(enabled=early_stopping, patience=watch.patience if early_stopping else None,
                                     min_delta=watch.min_delta, eval_every=eval_every, on=mid_run))
@@ -249,9 +260,14 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     exactly these arguments).
     `early_stopping`: stop after `patience` validation evaluations (every `eval_every` steps, on the mid-run
     evaluation's examples) without a validation loss lower than the best by more than `min_delta`; the cap is
-    max_steps (or epochs); a chained method's links end at equal shares of the cap and stopping watches only the
-    evaluations of the last link, so every link trains (adapters.stopping). `keep`: "best" (the default with early stopping) tests and saves the weights of the best
-    evaluation, "final" (the default without) the last ones. Recorded: stopped_at, best_step, converged, kept.
+    max_steps (or epochs). A chained method converges link by link (adapters.stopping): each link trains until its
+    own validation loss stops improving (patience evaluations, counted every `eval_every` steps from the link's
+    start and at its end) or until its share of the cap (round(j·T/k) − round((j−1)·T/k) steps), its best weights
+    are restored and folded, and the next link starts from them; the last link ends the run. Without early
+    stopping a chain's links end at the fixed shares. `keep`: "best" (the default with early stopping) tests and
+    saves the weights of the best evaluation over every link (a best in link j < k: the later links untrained),
+    "final" (the default without) the last ones. Recorded: stopped_at, best_step, best_link, links (per link: its
+    start, end, best and how it ended), converged, kept; adapters_meta.json's link_boundaries are the folds made.
     `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
     Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
     the run has set up successfully.
@@ -287,6 +303,8 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     tasks.check_model(kind, model, models.model_family(model))
     processor = models.load_processor(model)
     net = models.load_model(model, num_labels=len(the_task.labels or ()), seed=seed, auto_class=kind.auto_class)
+    # The new head as drawn from the seed, before the method is applied: the same for every method (pairing).
+    head_init = pairing.head_digest(net, models.head_names(net)) if kind.new_head else None
     head = kind.trained_head(net, spec)
     base_hash = models.weights_hash(net, exclude=kind.hash_exclude(head))
     apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed, dropout=dropout,
@@ -299,13 +317,17 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     steps_per_epoch = math.ceil(len(the_task.train) / batch_size)
     total = max_steps if max_steps is not None else max(1, round(epochs * steps_per_epoch))
     boundaries = link_boundaries(total, chain_length)
+    # With early stopping a chain converges link by link (adapters.stopping): each link ends on its own patience or
+    # at its share of the cap, and the next one starts there. Otherwise links end at the fixed shares (boundaries).
+    by_link, caps = early_stopping and chain_length > 1, _link_caps(total, chain_length)
     warmup_steps = round(warmup * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / max(1, warmup_steps), max(0.0, (total - s) / max(1, total - warmup_steps))))
     eval_every = eval_every or max(1, total // EVALS_PER_RUN)
     trajectory_steps = sorted({round(total * (i + 1) / save_trajectory) for i in range(save_trajectory)})
-    snapshots, history, step_times, running, step = {}, [], [], [], 0
-    watch, stopped = EarlyStopping(patience if early_stopping else math.inf, min_delta, keep == "best"), False
+    snapshots, history, step_times, running, step, folds = {}, [], [], [], 0, []  # folds: steps links ended after
+    watch = LinkByLink(chain_length, patience if early_stopping else math.inf, min_delta, keep == "best", by_link)
+    stopped = False
     # What a resumed run must share with the state it resumes (the precision as accelerate resolved it).
     results_args = {**{k: v for k, v in args.items() if k not in NOT_RESULTS},
                     "mixed_precision": accelerator.mixed_precision}
@@ -314,7 +336,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     state_file = partial / STATE
     state = _read_state(state_file, results_args) if resume and state_file.exists() else None
     if state is not None:
-        for _ in [b for b in boundaries if b <= state["step"]]:
+        for _ in state["folds"]:
             next_link(net)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -324,6 +346,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["py_rng"])
         step, history, step_times, running = state["step"], state["history"], state["step_times"], state["running"]
+        folds = list(state["folds"])
         snapshots = {s: None for s in state["snapshot_steps"]}  # the files are already in partial/
         watch.load_state_dict(state["stopping"])
     elif resume and partial.exists():  # nothing at all to resume is the normal first run: say nothing then
@@ -350,21 +373,32 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     start_monitor(monitor, len(the_task.train))
     lengths = kind.lengths(processor, the_task.train, max_length) if group_by_length else None
 
-    def batches(epoch):
-        """This epoch's batches: the order depends on (seed, epoch) only, the same on every process,
-        and starting an epoch leaves the global RNG (dropout) untouched, so a resumed run replays exactly."""
+    def epoch_loader(epoch, rows, collate):
+        """This epoch's DataLoader over `rows` (the training split, or its indices): the order depends on (seed,
+        epoch) only, never on the method, and is the same on every process."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        collate = kind.collate(processor, max_length)
         if group_by_length:
             # generator= as well: without one, the DataLoader draws its workers' base seed from the global RNG
             # when iteration starts, which would shift dropout's stream on a resumed run.
-            loader = torch.utils.data.DataLoader(the_task.train, collate_fn=collate, generator=g,
-                                                 batch_sampler=data.length_grouped_batches(lengths, batch_size, g))
-        else:
-            loader = torch.utils.data.DataLoader(the_task.train, batch_size=batch_size, shuffle=True, generator=g,
-                                                 drop_last=False, collate_fn=collate)
+            return torch.utils.data.DataLoader(rows, collate_fn=collate, generator=g,
+                                               batch_sampler=data.length_grouped_batches(lengths, batch_size, g))
+        return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=True, generator=g, drop_last=False,
+                                           collate_fn=collate)
+
+    def batches(epoch):
+        """This epoch's batches; starting an epoch leaves the global RNG (dropout) untouched, so a resumed run
+        replays exactly."""
+        loader = epoch_loader(epoch, the_task.train, kind.collate(processor, max_length))
         with torch.random.fork_rng(devices=[]):
             return iter(accelerator.prepare_data_loader(loader))
+
+    # The example indices epoch 0 trains on, batch by batch: the same loader over indices (its own generator, so
+    # neither the global RNG nor the loop's batches move).
+    with torch.random.fork_rng(devices=[]):
+        data_order = pairing.order_digest(epoch_loader(0, range(len(the_task.train)), list))
+    pairs = dict(split_sha256=pairing.split_digest(the_task.sha256, len(the_task.train), len(the_task.val),
+                                                   len(the_task.test), val_fraction, max_length),
+                 head_init_sha256=head_init, data_order_sha256=data_order, seed=seed)
 
     def save_state():
         if accelerator.is_main_process:
@@ -376,7 +410,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
                          rng=torch.get_rng_state(), py_rng=random.getstate(),
                          cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                          history=history, running=running, step_times=step_times, snapshot_steps=sorted(snapshots),
-                         stopping=watch.state_dict())
+                         folds=folds, stopping=watch.state_dict())
             torch.save(state, partial / (STATE + ".tmp"))
             (partial / (STATE + ".tmp")).replace(state_file)
 
@@ -401,26 +435,38 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             step += 1
             running.append(loss.item())
             bar.update(1)
-            if step in boundaries:
-                next_link(inner, optimizer.optimizer)
-            if step in trajectory_steps and accelerator.is_main_process:
-                partial.mkdir(parents=True, exist_ok=True)
-                save_file(snapshot(inner), str(partial / f"step_{step:08d}.safetensors"))
-                snapshots[step] = None
-            if step % eval_every == 0 or step == total:
+            if not by_link and step in boundaries:
+                next_link(inner, optimizer.optimizer)  # a fixed share ends: folded before this step's evaluation
+            link_end = watch.start + caps[watch.index]  # the current link's cap (its fixed boundary without by_link)
+            # Evaluations count from the link's start and come at its end (from 0 and at the run's end when the links
+            # are not watched one by one: then the two are the same for a non-chained run).
+            origin, end = (watch.start, link_end) if by_link else (0, total)
+            link_done = False
+            if (step - origin) % eval_every == 0 or step == end:
                 ev = _eval_split(accelerator, inner, eval_rows, processor, max_length, 2 * batch_size, kind)
                 history.append(dict(step=step, train_loss_running=sum(running) / len(running),
                                     lr=schedule.get_last_lr()[0], **_split_stats(kind, {"val": ev})))
-                # A chain is watched in its last link only: stopping (or keeping the best of) an earlier link would
-                # leave the later links untrained, its non-chained twin under another name.
-                watched = ev is not None and step > (boundaries[-1] if boundaries else 0)
-                stopped = watched and watch.update(step, ev["loss"], inner)
+                link_done = ev is not None and watch.update(step, ev["loss"], inner)
                 if trackers or monitor is not None:
                     numbers = {k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and k != "step"}
                     log_scalars(accelerator, {**numbers, **(monitor(inner, step) if monitor else {})}, step)
                 bar.set_postfix({loss_label: f"{history[-1]['train_loss_running']:.3f}",
                                  **({val_label: f"{kind.metric_of(ev):.3f}"} if ev else {})})
                 running = []
+            if link_done or step == link_end:
+                watch.end_link(step, "patience" if link_done else "cap")
+                if watch.index == chain_length - 1:
+                    stopped = True  # the last link ends the run
+                else:
+                    if by_link:  # the link's best weights go on into the fold; the next link starts from them
+                        watch.restore_link(inner)
+                        next_link(inner, optimizer.optimizer)
+                    folds.append(step)
+                    watch.start_link(step)
+            if step in trajectory_steps and accelerator.is_main_process:
+                partial.mkdir(parents=True, exist_ok=True)
+                save_file(snapshot(inner), str(partial / f"step_{step:08d}.safetensors"))
+                snapshots[step] = None
             if save_every and step % save_every == 0 and step < total and not stopped:
                 save_state()
             if on_step:
@@ -433,7 +479,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     # Final evaluation: eval mode, final weights, full splits (THEORY.md section 3), in the weights' own
     # precision (fp32): accelerate's autocast wrapper comes off, so this is what a fresh load evaluates to.
     inner = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
-    stopped_at, kept_step = step, _keep_weights(inner, watch, keep, step)
+    stopped_at, (kept_step, kept_link) = step, _keep_weights(inner, watch, keep, step)
     evs = {split: _eval_split(accelerator, inner, getattr(the_task, split), processor, max_length, 2 * batch_size,
                               kind) for split in ("train", "val", "test")}
     train_ev, test_ev = evs["train"], evs["test"]
@@ -456,7 +502,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         median_step_time_s=statistics.median(step_times) if step_times else None,
         throughput_examples_per_s=batch_size / statistics.median(step_times) if step_times else None,
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
-        device=str(accelerator.device), **precision, mid_run_eval=mid_run, versions=_versions())
+        device=str(accelerator.device), **precision, mid_run_eval=mid_run, pairing=pairs, versions=_versions())
     if accelerator.is_main_process:
         task_meta = dict(name=the_task.name, type=kind.name,
                          data=str(Path(data_file).resolve()) if data_file else None, labels=the_task.labels,
@@ -481,7 +527,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             files["trajectory"] = write_trajectory
         checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name,
                         overwrite=overwrite, files=files,
-                        extra_meta=dict(link_boundaries=boundaries, task=task_meta,
+                        extra_meta=dict(link_boundaries=folds, best_link=kept_link, task=task_meta,
                                         training=hyper))
         shutil.rmtree(partial, ignore_errors=True)
     if trackers:
@@ -550,7 +596,8 @@ def _parser():
                    help="validation examples each mid-run evaluation uses (the final one uses every split in full)")
     p.add_argument("--early-stopping", action="store_true",
                    help="stop after --patience evaluations without a lower validation loss (the cap: --max-steps or "
-                        "--epochs; a chain's links end at equal shares of the cap, and stopping acts within the last link)")
+                        "--epochs); a chain converges link by link: each link stops on its own patience or at its "
+                        "share of the cap, its best weights go on into the next link, and the last link ends the run")
     p.add_argument("--patience", type=int, default=d["patience"],
                    help="evaluations without an improvement before stopping")
     p.add_argument("--min-delta", type=float, default=d["min_delta"],

@@ -34,9 +34,11 @@ class _Executor:
 
     timeline = ()  # (job name, hand-over, result, slots) of every job run so far, for busy()
 
-    def stream(self, jobs, then=None, desc="jobs", progress=True):
+    def stream(self, jobs, then=None, desc="jobs", progress=True, plan=None):
         """Run `jobs` ([(priority, fn, args)]) and the follow-ups `then(fn, args, result)` returns for each finished
-        one (more such triples), until none is left. Returns every job's result, in the order the jobs were added."""
+        one (more such triples), until none is left. Returns every job's result, in the order the jobs were added.
+        `plan` (a Plan): every job the work will run, known before it starts, so the progress bar's total is right
+        from the first job and its ETA comes from the measured times of finished jobs of the same kind."""
         queue, results, order = [], {}, itertools.count()
 
         def add(items):
@@ -46,7 +48,9 @@ class _Executor:
         add(jobs)
         running, slots = {}, self._slots()
         began, self.timeline = {}, list(self.timeline)
-        with tqdm(total=len(queue), desc=desc, disable=not progress) as bar:
+        plan = plan or Plan({})
+        with tqdm(total=max(len(queue), plan.total()), desc=desc, disable=not progress,
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]") as bar:
             while queue or running:
                 while queue and len(running) < slots:
                     _, i, fn, args = heapq.heappop(queue)
@@ -55,12 +59,16 @@ class _Executor:
                 handle, result = self._next_done(running, desc)
                 i, fn, args = running.pop(handle)
                 # a job is out only while a slot is free for it, so from its hand-over to its result it ran
-                name = getattr(fn, "__name__", type(fn).__name__)
+                name = plan.kind(fn, args)
                 self.timeline.append((name, began.pop(handle), time.perf_counter(), slots))
                 results[i] = result
                 more = list(then(fn, args, result)) if then is not None else []
                 add(more)
-                bar.total += len(more)
+                plan.done(name)
+                bar.total = max(plan.total(), bar.n + 1 + len(queue) + len(running))
+                eta = plan.eta(self.timeline, slots)
+                if eta is not None:
+                    bar.set_postfix_str(f"ETA {eta / 60:.0f} min from the jobs' measured times", refresh=False)
                 bar.update(1)
         return [results[i] for i in sorted(results)]
 
@@ -78,6 +86,50 @@ class _Executor:
         busy = sum(t[2] - t[1] for t in self.timeline)
         return dict(jobs=len(self.timeline), slots=slots, wall_s=wall, busy_s=busy,
                     utilisation=busy / (slots * wall) if wall > 0 else 1.0)
+
+
+class Plan:
+    """The jobs a piece of work will run, by kind ({kind: count}; `kind(fn, args)` names a job's kind: the function's
+    name unless `kinds` is given), for a progress bar whose total is known from the start and an ETA from measured
+    times. `add(kind)` plans a job decided on later (an lr grid's extension)."""
+
+    def __init__(self, planned, kinds=None):
+        self.planned, self.finished, self.kinds = dict(planned), {}, kinds
+
+    def kind(self, fn, args):
+        return self.kinds(fn, args) if self.kinds else getattr(fn, "__name__", type(fn).__name__)
+
+    def add(self, kind, n=1):
+        self.planned[kind] = self.planned.get(kind, 0) + n
+
+    def done(self, kind):
+        self.finished[kind] = self.finished.get(kind, 0) + 1
+
+    def total(self):
+        return sum(self.planned.values())
+
+    def eta(self, timeline, slots):
+        """Seconds until the planned jobs are done: each kind's remaining jobs × the mean measured time of that
+        kind's finished jobs (of its family, the part before ':', while none of it has finished; of every job while
+        none of the family has), over the slots. None before any job has finished."""
+        took = {}
+        for name, start, end, _ in timeline:
+            took.setdefault(name, []).append(end - start)
+        if not took:
+            return None
+
+        def mean(xs):
+            return sum(xs) / len(xs)
+        family = {}
+        for name, xs in took.items():
+            family.setdefault(name.split(":")[0], []).extend(xs)
+        every = [x for xs in took.values() for x in xs]
+        left = 0.0
+        for kind, n in self.planned.items():
+            remaining = max(0, n - self.finished.get(kind, 0))
+            if remaining:
+                left += remaining * mean(took.get(kind) or family.get(kind.split(":")[0]) or every)
+        return left / slots
 
 
 class SerialExecutor(_Executor):

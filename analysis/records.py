@@ -70,7 +70,7 @@ def collect(runs, loss_clip=4.0):
         meta = adapters.read_meta(d)
         spectral = read_json(d / "diagnostics" / "spectral" / "spectral.json")
         stats = adapters.read_stats(d)
-        records.append(dict(
+        records.append(dict(outcomes=test_outcomes(d),
             path=str(d), method=meta["method"], seed=meta.get("seed", 0), stats=stats,
             lr=(meta.get("training") or {}).get("lr"), val_loss_falling=val_loss_falling(stats["history"]),
             converged=converged(stats),
@@ -78,6 +78,16 @@ def collect(runs, loss_clip=4.0):
             spectral=spectral["checkpoints"][0] if spectral else None, spectral_settings=(spectral or {}).get("settings"),
             **{name: _diagnostic(d, name) for name in SOURCES}))
     return records
+
+
+def test_outcomes(run_dir):
+    """The run's per-example test outcomes (correct, losses, units; recorded by training with the digest of its
+    weights), for claims paired by test example; None for a run without them (trained before they were recorded)."""
+    from adapters.example_losses import example_outcomes
+    try:
+        return example_outcomes(run_dir, "test")
+    except AdapterError:
+        return None
 
 
 def converged(stats):

@@ -17,10 +17,12 @@ Comparable across methods:
   differs by method, is a second, labelled view (diagnostics/*_trainable).
 Honest about itself:
 - every aggregate records n (seeds); ± is the sample standard deviation over seeds; a 95 % interval is given only
-  from n ≥ 3 (Student t for a mean, percentile bootstrap over seeds for τ), else it is null; a τ from fewer than
-  4 distinct values is marked not informative.
-- the claims are decided by tests that can say "undecided" (TOST for "within 3 points", intervals for directions),
-  and a claim resting on a run stopped at its step cap while still improving says so.
+  from n ≥ 3 (Student t for a mean, a two-level percentile bootstrap over methods and their seeds for τ), else it is
+  null; a τ from fewer than 4 distinct values is marked not informative.
+- the final runs are seeds apart from the one the lr was chosen at; the claims compare methods paired by seed and by
+  test example, in three families with Holm's correction within each (analysis.claims): non-inferiority and
+  equivalence at ±δ for accuracy, with the seeds it would take to decide; a claim resting on a run stopped at its
+  cap while still improving says so.
 - MI bounds ≥ b are marked vacuous, and Ĝ of the loss clipped at b (the loss they hold for) stands beside Ĝ.
 - a λ_max whose Lanczos run did not converge is marked; where τ is shown, so are ties (the MI bound depends on P alone).
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.io import write_json, write_text
-from analysis.claims import claims
+from analysis.claims import FAMILIES, MARGIN, claims
 from analysis.figures import plot_consistency, plot_landscapes, plot_outcomes, plot_spectral
 from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE
 from analysis.readme import README_BEGIN, README_END, readme_parts, readme_section, write_readme
@@ -37,7 +39,7 @@ from analysis.records import (DIAGNOSTICS, OUTCOMES, hessian_converged, read_jso
                               restrict_intruders, study_elapsed)
 from analysis.summary import consistency, summary
 from analysis.tables import latex, markdown
-from bounds.stats import MIN_SEEDS_FOR_INTERVAL
+from bounds.stats import ALPHA, MIN_SEEDS_FOR_INTERVAL
 
 
 def _run_row(r):
@@ -49,7 +51,7 @@ def _run_row(r):
                 **{k: r["stats"].get(k) for k in ("best_step", "stopped_at", "cap_steps", "kept")})
 
 
-def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf"), readme=None):
+def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf"), readme=None, margin=MARGIN):
     """Read every run under `runs`, write report.{md,tex,json} and the figures to `out` (and the results section
     of `readme`); return the dict."""
     if readme is not None:
@@ -61,11 +63,15 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
     selection = read_json(Path(runs) / SELECTION_FILE)
     table = summary(records, matrices, selection)
     taus = [consistency(records, d, n_boot) for d in DIAGNOSTICS]
-    found = claims(table, records, n_boot)
+    found = claims(records, n_boot, margin)
+    study = read_json(Path(runs) / STUDY_FILE)
     settings = dict(runs=str(runs), out=str(out), loss_clip=loss_clip, sigma=loss_clip / 2, n_bootstrap=n_boot,
+                    margin=margin, alpha=ALPHA, families=FAMILIES,
+                    select_seed=(selection or {}).get("select_seed", (study or {}).get("select_seed")),
+                    seeds=(selection or {}).get("seeds", (study or {}).get("seeds")),
                     runs_count=len(records), matrices=matrices, min_seeds_for_interval=MIN_SEEDS_FOR_INTERVAL,
                     training_seconds=sum(r["stats"].get("wall_time_s") or 0.0 for r in records),
-                    study=read_json(Path(runs) / STUDY_FILE), elapsed_seconds=study_elapsed(runs),
+                    study=study, elapsed_seconds=study_elapsed(runs),
                     reference=read_json(Path(runs) / REFERENCE_FILE),
                     executor=(selection or {}).get("executor"), select_by=(selection or {}).get("select_by"))
     out = Path(out)
@@ -91,7 +97,10 @@ def main(argv=None):
     p.add_argument("--out", default="figures", help="where the tables and figures go (default: figures)")
     p.add_argument("--loss-clip", type=float, default=4.0,
                    help="σ = b/2 for the clipped loss min(ℓ, b) in the MI bound (THEORY.md section 1; default 4)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for τ (default 2000)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for τ and for the test examples "
+                                                               "of a paired difference (default 2000)")
+    p.add_argument("--margin", type=float, default=MARGIN, help=f"δ of the accuracy claims (non-inferiority, "
+                                                                f"equivalence; default {MARGIN:g})")
     p.add_argument("--formats", default="png,pdf", help="figure formats (default png,pdf)")
     p.add_argument("--readme", default=None, help=f"rewrite this file's section between {README_BEGIN} and "
                                                   f"{README_END} with the results")
@@ -100,7 +109,10 @@ def main(argv=None):
         raise AdapterError(f"runs directory not found: {args.runs}")
     if args.bootstrap < 1:
         raise AdapterError(f"--bootstrap must be >= 1, got {args.bootstrap}")
-    result = report(args.runs, args.out, args.loss_clip, args.bootstrap, tuple(args.formats.split(",")), args.readme)
+    if not 0 < args.margin < 1:
+        raise AdapterError(f"--margin must be in (0, 1), a difference of accuracies, got {args.margin}")
+    result = report(args.runs, args.out, args.loss_clip, args.bootstrap, tuple(args.formats.split(",")), args.readme,
+                    args.margin)
     print(result["markdown"])
     return 0
 

@@ -4,16 +4,23 @@
     python -m analysis.study --model PATH --data my.csv --runs runs/mine --out figures/mine
     python -m analysis.study --address auto      # the same study on an existing Ray cluster
 
-The protocol: (1) every method trains at each learning rate of its grid with the first seed; (2) its lr is the one
-with the best validation score (`--select-by`: the task metric, ties broken by the lower validation loss; test is
-never looked at), and a choice at an edge of the grid extends it by one grid step on that side (trained, then chosen
-again) until the choice is interior or the bound (MAX_EXTENSIONS, LR_BOUNDS) is reached; (3) the other seeds train at
-that lr. The first seed's run at the chosen lr is one of the final runs. Every run stops early on its validation
-loss under a cap of epochs (the budget's), and its best evaluation's weights are the ones tested and diagnosed
-(adapters.stopping). Every argument and data problem is found before Ray starts. Runs and diagnostics are Ray tasks
-(a local Ray instance by default, `--address` for a cluster, `--executor serial` in-process) in one queue, each
-started as soon as what it needs has finished (a method's extensions, seeds and diagnostics wait for its own runs
-only, never for another method's), and each idempotent, so an interrupted study redoes nothing that finished.
+The protocol: (1) every method trains at each learning rate of its grid with the selection seed (`--select-seed`,
+default 0); (2) its lr is the one with the best validation score (`--select-by`: the task metric, ties broken by the
+lower validation loss; test is never looked at), and a choice at an edge of the grid extends it by one grid step on
+that side (trained, then chosen again) until the choice is interior or the bound (MAX_EXTENSIONS, LR_BOUNDS) is
+reached; (3) the final runs train at that lr with the other seeds (`--seeds`, default 1 2 3): only they are tested,
+reported and compared, since the selection seed's score chose the lr. The same seed gives every method the same
+split, head initialisation and data order, so methods are compared paired by seed (analysis.claims). Every run stops
+early on its validation loss under a cap of epochs (the budget's), a chain link by link, and its best evaluation's
+weights are the ones tested and diagnosed (adapters.stopping). Every argument and data problem is found before Ray
+starts. Runs and diagnostics are Ray tasks (a local Ray instance by default, `--address` for a cluster, `--executor
+serial` in-process) in one queue, each started as soon as what it needs has finished (a method's extensions, seeds
+and diagnostics wait for its own runs only, never for another method's), and each idempotent, so an interrupted
+study redoes nothing that finished. The progress bar's total is every planned job from the start (an extension adds
+its own) and its ETA comes from the measured times of finished jobs of each kind.
+
+The default methods are the paper's central comparison (METHOD_SETS["central"]: the sparse methods, their
+parameter-matched baselines and LoRA); `--methods paper` runs the paper's 11.
 
 Every run is a normal checkpoint in RUNS/<method>-lr<lr>-s<seed>/; RUNS/lr_selection.json records each method's grid,
 validation scores, chosen lr and final runs. The final runs' diagnostics go beside the checkpoint's files in
@@ -30,9 +37,19 @@ from pathlib import Path
 from adapters.errors import AdapterError, ArgumentParser, HelpFormatter, cli
 from adapters.io import write_json
 from adapters.methods import CHAIN_LENGTH, METHODS
+from analysis.claims import MARGIN
 from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE, run_dir
 
-DEFAULT_METHODS = ["fft", "head", "lora", "lora_plus", "asym", "cola", "rac", "cla", "rcla", "c3la", "rc3la"]
+# The paper's central comparison, the default: the sparse methods, their parameter-matched baselines (asym for cla and
+# rcla, rac for c3la and rc3la) and LoRA, every one a claim of the report. `--methods paper` is the paper's 11.
+METHOD_SETS = {"central": ["lora", "asym", "rac", "cla", "rcla", "c3la", "rc3la"],
+               "paper": ["fft", "head", "lora", "lora_plus", "asym", "cola", "rac", "cla", "rcla", "c3la", "rc3la"]}
+DEFAULT_METHODS = METHOD_SETS["central"]
+
+
+def expand_methods(names):
+    """Method names, a set's name (central, paper) standing for its methods; each method once, in order."""
+    return list(dict.fromkeys(m for name in names for m in METHOD_SETS.get(name, [name])))
 
 
 def native_bf16():
@@ -57,14 +74,15 @@ BUDGETS = {
     # window) costs twice the evaluations (an evaluation ≈ 6 training steps) and, replayed on a reduced study's 8 runs,
     # kept the same best step in 6 of them (bench/README.md). n_train/n_val/n_test are upper limits: a smaller data
     # set is used whole.
-    "default": dict(seeds=[0, 1, 2], train=dict(epochs=20, n_train=500, n_val=500, n_test=600, batch_size=16,
-                                                max_length=48, eval_every=32, eval_examples=200, save_every=64,
-                                                early_stopping=True, patience=2, min_delta=0.0,
-                                                mixed_precision=native_bf16()),
+    "default": dict(select_seed=0, seeds=[1, 2, 3],
+                    train=dict(epochs=20, n_train=500, n_val=500, n_test=600, batch_size=16, max_length=48,
+                               eval_every=32, eval_examples=200, save_every=64, early_stopping=True, patience=2,
+                               min_delta=0.0, mixed_precision=native_bf16()),
                     landscape=dict(dims=1, grid=7, range=1.0, examples=48),
                     hessian=dict(top_k=1, examples=16, max_iter=80, tol=1e-3)),
-    "tiny": dict(seeds=[0], train=dict(max_steps=4, n_train=48, n_val=16, n_test=48, batch_size=8, max_length=32,
-                                       eval_every=2, early_stopping=True, patience=2),
+    "tiny": dict(select_seed=0, seeds=[1],
+                 train=dict(max_steps=4, n_train=48, n_val=16, n_test=48, batch_size=8, max_length=32, eval_every=2,
+                            early_stopping=True, patience=2),
                  landscape=dict(dims=1, grid=3, range=0.5, examples=16),
                  hessian=dict(top_k=1, examples=8, max_iter=40, tol=1e-3)),
 }
@@ -237,7 +255,7 @@ EXTENDED, GRID, SEED, DIAGNOSTIC = 0, 1, 2, 3
 class Search:
     """Every method's lr search as jobs that start their follow-ups: the grid at `seed`; when a method's grid is
     done, its choice, and either one grid step beyond an edge (trained, then chosen again) or, once the choice is
-    final, `final(method, lr)`'s jobs ((priority, fn, args): its other seeds, its diagnostics). No method waits for
+    final, `final(method, lr)`'s jobs ((priority, fn, args): its final seeds' runs). No method waits for
     another's runs.
     result(): {method: selection}, each with its `extensions` ([{lr, side, after}]), `bound` and, where the choice is
     still at an edge, `bound_reached`."""
@@ -320,26 +338,45 @@ def _check_runs(methods, grids, seeds, common, runs, task_type):
     tasks.check_model(tasks.get_task_type(task_type), common["model"], models.model_family(common["model"]))
 
 
-def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", model="minilm",
+def _kind(fn, args):
+    """A job's kind, for the progress bar's ETA: a method's training runs, one diagnostic, the reference."""
+    if fn is _train_job:
+        return f"train:{args[1]}"
+    if fn is _diagnose_job:
+        return f"diagnose:{args[1]}"
+    return "reference"
+
+
+def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, select_seed=None, budget="default", model="minilm",
           task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=CHAIN_LENGTH,
           diagnostics=tuple(DIAGNOSE), lr_grid=None, select_by="val_metric", head_lr_mult=None,
           max_extensions=MAX_EXTENSIONS, executor="ray", address=None, cpus_per_run=1, gpus_per_run=0, progress=True,
           **overrides):
-    """Select each method's lr on validation (extending a grid whose choice is at an edge), train every seed at it,
-    compute the diagnostics; skip what is complete. Every argument and data problem is found before Ray starts.
-    Returns {method: [final run dirs]} (also in RUNS/lr_selection.json with the selection)."""
-    from analysis.executor import make_executor
+    """Select each method's lr on validation at `select_seed` (extending a grid whose choice is at an edge), train
+    every one of `seeds` at it, compute their diagnostics; skip what is complete. The selection seed's runs are never
+    among the final runs: their validation score chose the lr, so their test score would carry that optimism. Every
+    argument and data problem is found before Ray starts. Returns {method: [final run dirs]} (also in
+    RUNS/lr_selection.json with the selection)."""
+    from analysis.executor import Plan, make_executor
     if budget not in BUDGETS:
         raise AdapterError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
+    methods = expand_methods(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise AdapterError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise AdapterError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} or a set "
+                           f"({', '.join(METHOD_SETS)})")
     if lr_grid is not None and (not lr_grid or any(not lr > 0 for lr in lr_grid)):
         raise AdapterError(f"--lr-grid needs positive learning rates, got {lr_grid}")
     if select_by not in SELECT_BY:
         raise AdapterError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
     b = BUDGETS[budget]
     seeds = list(b["seeds"] if seeds is None else seeds)
+    select_seed = b["select_seed"] if select_seed is None else select_seed
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise AdapterError(f"--seeds must be distinct seeds, got {seeds}")
+    if select_seed in seeds:
+        raise AdapterError(f"--select-seed {select_seed} is one of --seeds: the runs that chose the lr would be "
+                           "tested, their scores carrying the selection's optimism; pick seeds apart from it")
     grids = {m: sorted(set(lr_grid or LR_GRIDS[trains(m)])) for m in methods}
     if not (isinstance(max_extensions, int) and max_extensions >= 0):
         raise AdapterError(f"max_extensions must be an integer >= 0, got {max_extensions!r}")
@@ -351,38 +388,48 @@ def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, budget="default", mo
                   head_lr_mult=head_lr_mult, **train_kwargs)
     settings = dict(model=model, task=task, data=str(data_file) if data_file else None, rank=rank, alpha=alpha,
                     chain_length=chain_length, budget=budget, train=train_kwargs, lr_grids=grids,
-                    select_by=select_by, head_lr_mult=head_lr_mult,
+                    select_by=select_by, select_seed=select_seed, head_lr_mult=head_lr_mult,
                     lr_search=dict(max_extensions_per_side=max_extensions, lr_bounds=list(LR_BOUNDS)))
-    _check_runs(methods, grids, seeds, common, runs, task_type)
+    _check_runs(methods, grids, [select_seed, *seeds], common, runs, task_type)
     _check_settings(runs, settings)
     runs = str(Path(runs).resolve())  # jobs may run in other processes, other working directories
 
     pool = make_executor(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
+    # Every job the study will run, known now (an extension adds its own), for the progress bar and its ETA.
+    plan = Plan({"reference": 1}, kinds=_kind)
+    for m in methods:
+        plan.add(f"train:{m}", len(grids[m]) + len(seeds))
+        for which in diagnostics:
+            plan.add(f"diagnose:{which}", len(seeds))
 
     def diagnostics_of(run):
         return [(DIAGNOSTIC, _diagnose_job, (str(run), which, budget)) for which in diagnostics]
 
-    def final_runs(m, lr):  # a method's choice is final: its other seeds, and the first seed's diagnostics
-        return [(SEED, _train_job, (runs, m, lr, s, common)) for s in seeds[1:]] + diagnostics_of(
-            run_dir(runs, m, seeds[0], lr))
+    def final_runs(m, lr):  # a method's choice is final: its runs at every final seed
+        return [(SEED, _train_job, (runs, m, lr, s, common)) for s in seeds]
 
-    lr_search = Search(runs, methods, grids, seeds[0], common, select_by, max_extensions, final=final_runs)
+    lr_search = Search(runs, methods, grids, select_seed, common, select_by, max_extensions, final=final_runs)
 
-    def then(fn, args, result):  # a finished seed run: its diagnostics; anything else: the search's follow-ups
-        if fn is _train_job and args[3] != seeds[0]:
+    def then(fn, args, result):  # a finished final run: its diagnostics; anything else: the search's follow-ups
+        if fn is _train_job and args[3] != select_seed:
             return diagnostics_of(result)
-        return lr_search.then(fn, args, result)
+        more = lr_search.then(fn, args, result)
+        for _, job, job_args in more:
+            if job is _train_job and job_args[3] == select_seed:
+                plan.add(f"train:{job_args[1]}")  # an extension of the grid: not in the plan yet
+        return more
 
     try:
         pool.stream(lr_search.jobs() + [(DIAGNOSTIC, _reference_job, (runs, common, seeds[0]))], then,
-                    desc="study: runs and diagnostics", progress=progress)
+                    desc="study: runs and diagnostics", progress=progress, plan=plan)
         executor_settings = pool.settings()
     finally:
         pool.close()
     selection = lr_search.result()
     final = {m: [str(run_dir(runs, m, s, selection[m]["lr"])) for s in seeds] for m in methods}
     names = {m: [Path(run).name for run in final[m]] for m in methods}  # relative: the directory may move
-    write_json(Path(runs) / SELECTION_FILE, dict(seeds=seeds, select_by=select_by, executor=executor_settings,
+    write_json(Path(runs) / SELECTION_FILE, dict(select_seed=select_seed, seeds=seeds, select_by=select_by,
+                                                 executor=executor_settings,
                                                  methods={m: dict(selection[m], runs=names[m]) for m in methods}))
     return final
 
@@ -404,8 +451,15 @@ def _parser():
                        formatter_class=HelpFormatter)
     p.add_argument("--runs", default=d["runs"], help="directory of the runs (one checkpoint per method and seed)")
     p.add_argument("--out", default="figures", help="where the report's tables and figures go")
-    p.add_argument("--methods", nargs="+", default=d["methods"], help="methods to compare")
-    p.add_argument("--seeds", nargs="+", type=int, help=f"seeds of the final runs (default: {_budget_default('seeds', None)})")
+    p.add_argument("--methods", nargs="+", default=d["methods"],
+                   help="methods to compare, or a set: " + "; ".join(f"{k} = {' '.join(v)}"
+                                                                     for k, v in METHOD_SETS.items()))
+    p.add_argument("--seeds", nargs="+", type=int, help=f"seeds of the final runs, the ones tested and compared "
+                   f"(default: {_budget_default('seeds', None)}); more seeds on a cluster: --seeds 1 2 3 4 5 6 7 8")
+    p.add_argument("--select-seed", type=int, help="the seed each method's lr is chosen at, never among --seeds "
+                   f"(default: {_budget_default('select_seed', None)})")
+    p.add_argument("--margin", type=float, default=MARGIN, help="δ of the accuracy claims: non-inferior (not worse "
+                   "by more than δ), equivalent (within ±δ), as a difference of accuracies in [0, 1]")
     p.add_argument("--budget", default=d["budget"], choices=list(BUDGETS), help="sizes and steps of the runs and "
                    "diagnostics")
     p.add_argument("--model", default=d["model"], help="offline model name, transformers directory or hub id")
@@ -461,14 +515,16 @@ def main(argv=None):
     from adapters.io import write_text
     args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
     write_text(Path(args["runs"]) / "config.yaml", yaml.safe_dump(args, sort_keys=False))  # the resolved config
-    out, no_report, readme = args.pop("out"), args.pop("no_report"), args.pop("readme")
+    out, no_report, readme, margin = args.pop("out"), args.pop("no_report"), args.pop("readme"), args.pop("margin")
+    if not 0 < margin < 1:
+        raise AdapterError(f"--margin must be in (0, 1), a difference of accuracies, got {margin}")
     if readme is not None:
         from analysis.readme import readme_parts
         readme_parts(readme)  # a bad --readme stops the study before hours of training
     sweep(**args)
     if not no_report:
         from analysis import report
-        result = report.report(args["runs"], out, readme=readme)
+        result = report.report(args["runs"], out, readme=readme, margin=margin)
         print(result["markdown"])
     return 0
 

@@ -1,14 +1,15 @@
 """Statistics over seeds: each method's aggregates, and how consistently each diagnostic orders the methods by Ĝ.
 
 Every aggregate records n (seeds); ± is the sample standard deviation over seeds; an interval is given only from
-n ≥ MIN_SEEDS_FOR_INTERVAL (Student t for a mean, a percentile bootstrap over seeds for τ), else it is null. The
+n ≥ MIN_SEEDS_FOR_INTERVAL (Student t for a mean, a percentile bootstrap over methods and their seeds for τ), else
+it is null. The
 formulas are bounds.stats's.
 """
 import numpy as np
 
 from analysis import style
 from analysis.records import DIAGNOSTICS, OUTCOMES, hessian_converged
-from bounds.stats import LEVEL, bootstrap_interval, kendall_tau, tau_informative
+from bounds.stats import LEVEL, kendall_tau, tau_informative, two_level_bootstrap
 
 
 def aggregate(values):
@@ -45,38 +46,43 @@ def seed_table(records, keys):
 
 
 def _taus(table, pairs, picks=None):
-    """Kendall τ of the method means of column a against column b, for each (a, b) in pairs; each method's rows
-    picked by `picks` (a bootstrap resample) or all."""
-    means = [(table[m] if picks is None else table[m][pick]).mean(axis=0)
-             for m, pick in zip(table, picks or [None] * len(table))]
+    """Kendall τ of the method means of column a against column b, for each (a, b) in pairs; the methods and each
+    method's rows as `picks` ([(method index, row indices)]: one two-level bootstrap resample) or all of them."""
+    rows = list(table.values())
+    picks = picks if picks is not None else [(g, slice(None)) for g in range(len(rows))]
+    means = [rows[g][pick].mean(axis=0) for g, pick in picks]
     return [kendall_tau([x[a] for x in means], [x[b] for x in means]) for a, b in pairs]
+
+
+INTERVAL_METHOD = "two-level percentile bootstrap (methods, then each method's seeds), {} resamples"
 
 
 def consistency(records, diagnostic, n_boot=2000, seed=0):
     """τ-b between the diagnostic's and the gap's orderings of the methods (means over seeds), the number of
     distinct diagnostic values (ties), whether that many can make τ informative, and a percentile bootstrap interval
-    over seeds when every method has n ≥ 3 seeds (null otherwise): each method's seeds resampled with replacement,
-    the same ones for both orderings."""
+    that resamples the methods compared and, within each, its seeds (bounds.stats.two_level_bootstrap; the same
+    resample for both orderings), when every method has n ≥ 3 seeds (null otherwise)."""
     table = seed_table(records, [diagnostic, "gap"])
     methods = list(table)
     tau = _taus(table, [(0, 1)])[0] if methods else None
     n = {m: len(rows) for m, rows in table.items()}
-    interval = None
+    boot = None
     if tau is not None:
-        interval = bootstrap_interval(list(n.values()), lambda *picks: _taus(table, [(0, 1)], picks)[0],
-                                      n_resamples=n_boot, seed=seed)
+        boot = two_level_bootstrap(list(n.values()), lambda picks: _taus(table, [(0, 1)], picks)[0],
+                                             n_resamples=n_boot, seed=seed)
     distinct = len({float(rows[:, 0].mean()) for rows in table.values()})
     flags = [hessian_converged(r, diagnostic) for r in records if DIAGNOSTICS[diagnostic][1](r) is not None]
     return dict(diagnostic=diagnostic, label=DIAGNOSTICS[diagnostic][0], tau=tau, methods=methods, n=n,
-                distinct=distinct, informative=tau_informative(distinct), interval=interval,
-                n_bootstrap=n_boot if interval else 0,
-                interval_method=f"percentile bootstrap over seeds, {n_boot} resamples" if interval else None,
+                distinct=distinct, informative=tau_informative(distinct), interval=boot and boot["interval"],
+                n_bootstrap=n_boot if boot else 0,
+                interval_method=INTERVAL_METHOD.format(n_boot) if boot else None,
                 not_converged=sum(f is False for f in flags))
 
 
 def tau_difference(records, first, second, n_boot=2000, seed=0):
-    """τ(first, Ĝ) − τ(second, Ĝ) over the methods that have both, with a paired percentile bootstrap interval:
-    one resample of each method's seeds gives both τ's (null below three seeds per method)."""
+    """τ(first, Ĝ) − τ(second, Ĝ) over the methods that have both, with a two-level percentile bootstrap interval and
+    its p of 0: one resample of the methods and of each drawn method's seeds gives both τ's (null below three seeds
+    per method)."""
     table = seed_table(records, [first, second, "gap"])
     if len(table) < 2:
         return None
@@ -88,11 +94,12 @@ def tau_difference(records, first, second, n_boot=2000, seed=0):
     d = diff()
     if d is None:
         return None
-    interval = bootstrap_interval([len(rows) for rows in table.values()], lambda *picks: diff(picks),
-                                  n_resamples=n_boot, seed=seed)
+    boot = two_level_bootstrap([len(rows) for rows in table.values()], diff, n_resamples=n_boot, seed=seed)
     distinct = [len({float(rows[:, c].mean()) for rows in table.values()}) for c in (0, 1)]
-    return dict(diff=d, ci=interval, methods=list(table), n=[len(rows) for rows in table.values()],
-                distinct=distinct, informative=all(tau_informative(k) for k in distinct))
+    return dict(diff=d, ci=boot and boot["interval"], p=boot and boot["p"], methods=list(table),
+                n=[len(rows) for rows in table.values()], distinct=distinct,
+                interval_method=INTERVAL_METHOD.format(n_boot) if boot else None,
+                informative=all(tau_informative(k) for k in distinct))
 
 
 def summary(records, matrices, selection=None):

@@ -2,7 +2,8 @@
 from analysis import style
 from bounds.report import ties_note
 from bounds.tables import VACUOUS
-from bounds.stats import LEVEL, MIN_DISTINCT_FOR_TAU, MIN_SEEDS_FOR_INTERVAL
+from adapters.methods import METHODS
+from bounds.stats import LEVEL, MAX_SEEDS, MIN_DISTINCT_FOR_TAU, MIN_SEEDS_FOR_INTERVAL
 
 NOT_CONVERGED = "†"
 
@@ -11,17 +12,21 @@ def _signed(x):
     return f"{x:+.3g}"
 
 
-def _interval(c):
-    if c["ci"] is None:
+def p_text(p):
+    """A p-value with its digits: 0.997, not 1; '< 0.001' and '> 0.999' at the ends; n/a when there is none."""
+    if p is None:
         return "n/a"
-    how = "bootstrap " if c["kind"] == "tau" else "Welch "
-    return f"{how}{c['level']:.0%} [{_signed(c['ci'][0])}, {_signed(c['ci'][1])}]"
+    if p < 0.001:
+        return "< 0.001"
+    return "> 0.999" if p > 0.999 else f"{p:.3f}"
+
+
+def _ci(ci):
+    return "n/a" if ci is None else f"[{_signed(ci[0])}, {_signed(ci[1])}]"
 
 
 def _verdict(c):
     text = c["verdict"]
-    if c["kind"] == "tost" and c["p"] is not None:
-        text += f" (TOST p = {c['p']:.2g})"
     if c.get("note"):
         text += f" ({c['note']})"
     if c["not_converged"]:
@@ -29,31 +34,90 @@ def _verdict(c):
     return text
 
 
-def _n(c):
-    """Seeds per side ('3 / 3'); for a τ claim, its methods and their seeds ('11 methods, 3 seeds each')."""
-    if c["kind"] != "tau":
-        return " / ".join(str(n) for n in c["n"])
-    seeds = sorted(set(c["n"]))
-    return f"{len(c['n'])} methods, {'–'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} seeds each"
+def _to_decide(c):
+    """What would decide an accuracy claim: the margin today's seeds decide non-inferiority at, and the seeds for
+    80 % power at the observed difference and variances (or why no number of seeds does)."""
+    w = c.get("power") or {}
+    if w.get("margin_decided") is None:
+        return "n/a"
+    seeds = (f"{w['seeds']} seeds" if w["seeds"] is not None else
+             "not with this test set (its own error is too large)" if w["limited_by"] == "test set"
+             else f"more than {MAX_SEEDS} seeds")
+    return (f"non-inferior now for δ > {w['margin_decided']:.3f}; at δ = {c['margin']:g}: {seeds} for "
+            f"{w['power']:.0%} power")
 
 
-def claim_lines(found):
-    """The claims table: one row per claim, difference = mean(first) − mean(second) as the claim names them."""
+def _lengths(c):
+    """Both methods' training lengths: steps per seed, and the chain's best link per seed."""
+    parts = []
+    for m, run in c["lengths"].items():
+        links = [b for b in run["best_link"] if b is not None]
+        parts.append(f"{m} {'/'.join(str(s) for s in run['steps'])}"
+                     + (f" (best link {'/'.join(map(str, links))})" if links and max(links) > 0 and
+                        METHODS[m].chain_length > 1 else ""))
+    return " · ".join(parts)
+
+
+def claim_lines(found, settings=None):
+    """The claims tables, one per family (analysis.claims.FAMILIES), each with its Holm-adjusted p's; difference =
+    first − second as the claim names them, paired by seed."""
     if not found:
         return []
-    lines = ["The paper's claims on this study. Difference = first − second (mean over seeds, named in the column). "
-             "Within 3 points: TOST, two one-sided Welch tests at α = 0.05 against a margin of ±0.03 (equivalent: the "
-             "90 % interval inside the margin; different: wholly outside it; else undecided). Direction claims hold "
-             "only when the 95 % interval excludes 0 on the claimed side, fail when it excludes 0 on the other; no "
-             f"interval below n = {MIN_SEEDS_FOR_INTERVAL} seeds (undecided then).", "",
-             "| claim | difference | n | interval | verdict |", "|---|---|---|---|---|"]
-    for c in found:
-        name = c["claim"].replace("|", "\\|")
-        first, second = (f"τ({c['first']})", f"τ({c['second']})") if c["kind"] == "tau" else (c["first"], c["second"])
-        diff = f"{first} − {second} = {_signed(c['diff'])}"
-        lines.append(f"| {name} | {diff} | {_n(c)} | {_interval(c)} | {_verdict(c)} |")
+    settings = settings or {}
+    alpha = settings.get("alpha", 0.05)
+    lines = [f"The paper's claims on this study, in {len({c['family'] for c in found})} families; Holm's correction "
+             f"within each family, every verdict decided on its adjusted p at α = {alpha:g}; differences are "
+             "first − second, paired by seed (the same split, head initialisation and data order for both); no "
+             f"interval below n = {MIN_SEEDS_FOR_INTERVAL} seeds (undecided then).", ""]
+    accuracy = [c for c in found if c["family"] == "accuracy"]
+    if accuracy:
+        margin = accuracy[0]["margin"]
+        lines += [f"**Accuracy against a baseline** ({len(accuracy)} claims). Competitive = non-inferior at δ = "
+                  f"{margin:g} (one-sided, H0: worse by δ or more); equivalent = TOST at ±δ; worse by more than δ = "
+                  "the opposite one-sided test. The interval is the 90 % one (each end a one-sided bound at α); its "
+                  "error adds the seeds' and the test examples' (one bootstrap of the examples for both methods and "
+                  "every seed), with Welch–Satterthwaite degrees of freedom.", "",
+                  "| claim | difference | n | 90 % interval (± seeds, ± examples) | p non-inferior (Holm) | "
+                  "p equivalent (Holm) | p worse by > δ (Holm) | verdict | to decide it |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in accuracy:
+            n = f"{c['n_seeds']} seeds × {c['n_examples']} test examples" if c["examples_paired"] else \
+                f"{c['n_seeds']} seeds (no per-example outcomes: seeds only)"
+            parts = "" if c["se"] is None else f" (± {c['se_seeds']:.3f}, ± {c['se_examples']:.3f})"
+            lines.append(f"| {c['claim']} | {c['first']} − {c['second']} = {_signed(c['diff'])} | {n} | "
+                         f"{_ci(c['ci'])}{parts} | {p_text(c['p_noninferior'])} ({p_text(c['p_holm'])}) | "
+                         f"{p_text(c['p_equivalent'])} ({p_text(c['p_equivalent_holm'])}) | "
+                         f"{p_text(c['p_worse'])} ({p_text(c['p_worse_holm'])}) | {_verdict(c)} | {_to_decide(c)} |")
+        lines.append("")
+    direction = [c for c in found if c["family"] == "direction"]
+    if direction:
+        lines += [f"**Chained method against its one-link twin** ({len(direction)} claims): the paired t-test over "
+                  "seeds (two-sided), 95 % interval; holds when the adjusted p < α on the claimed side, fails on the "
+                  "other. Last column: steps trained per seed (and the chain's best link), since a longer run can "
+                  "explain a difference.", "",
+                  "| claim | difference | seeds | 95 % interval | p (Holm) | verdict | steps per seed |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in direction:
+            lines.append(f"| {c['claim']} | {c['first']} − {c['second']} = {_signed(c['diff'])} | {c['n_seeds']} | "
+                         f"{_ci(c['ci'])} | {p_text(c['p'])} ({p_text(c['p_holm'])}) | {_verdict(c)} | "
+                         f"{_lengths(c)} |")
+        lines.append("")
+    tau = [c for c in found if c["family"] == "tau"]
+    if tau:
+        lines += [f"**The MI bound against each other diagnostic** ({len(tau)} claims): τ(bound, Ĝ) − τ(other, Ĝ); "
+                  "95 % two-level percentile bootstrap interval and p (the methods compared resampled, then each "
+                  "drawn method's seeds; both τ's from the same resample).", "",
+                  "| claim | difference | n | 95 % interval | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
+        for c in tau:
+            name = c["claim"].replace("|", "\\|")
+            seeds = sorted(set(c["n"]))
+            n = (f"{len(c['n'])} methods, {'–'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} "
+                 "seeds each")
+            lines.append(f"| {name} | τ({c['first']}) − τ({c['second']}) = {_signed(c['diff'])} | {n} | "
+                         f"{_ci(c['ci'])} | {p_text(c['p'])} ({p_text(c['p_holm'])}) | {_verdict(c)} |")
+        lines.append("")
     counts = {v: sum(c["verdict"] == v for c in found) for v in dict.fromkeys(c["verdict"] for c in found)}
-    return lines + ["", " · ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(found)} claims.", ""]
+    return lines + [" · ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(found)} claims.", ""]
 
 
 def _fmt(cell, digits=3):
@@ -159,9 +223,12 @@ def _study_line(study, elapsed=None, executor=None):
                 f"{executor['utilisation']:.0%} of the time" if executor.get("utilisation") is not None else "")
         where = (f" It took {elapsed / 60:.1f} min from its start to its last result "
                  f"(executor {executor.get('executor', 'serial')}{cpus}{busy}).")
+    seeds = (f" Each method's lr chosen on validation at seed {study['select_seed']}, whose runs are never tested; "
+             f"the final runs, tested and compared, are seeds {', '.join(map(str, seeds_of))}."
+             if study.get("select_seed") is not None and (seeds_of := study.get("seeds")) else "")
     return [f"Study (runs/study.json): model {study.get('model')}, task {study.get('task')}, r = {study.get('rank')}, "
             f"α = {study.get('alpha')}, chain length k = {study.get('chain_length')} for the chained methods, "
-            f"budget {study.get('budget')}: {train}.{where}", ""]
+            f"budget {study.get('budget')}: {train}.{seeds}{where}", ""]
 
 
 def markdown(table, taus, settings, found=None):
@@ -169,7 +236,8 @@ def markdown(table, taus, settings, found=None):
     (`found`, as analysis.claims decides them) and the notes."""
     matrices = settings["matrices"]
     types = sorted({t for row in table.values() if row["intruders"] for t in row["intruders"]["by_type"]})
-    lines = _study_line(settings.get("study"), settings.get("elapsed_seconds"), settings.get("executor")) + [
+    study = dict(settings.get("study") or {}, seeds=settings.get("seeds")) if settings.get("study") else None
+    lines = _study_line(study, settings.get("elapsed_seconds"), settings.get("executor")) + [
         f"Runs: {settings['runs_count']} in {settings['runs']} · σ from loss clip b = {settings['loss_clip']:g} "
         f"(σ = b/2) · each cell: mean ± sample standard deviation over the n seeds (no ± for n = 1) · "
         f"training time summed over the runs: {settings['training_seconds'] / 60:.1f} min", "",
@@ -189,7 +257,8 @@ def markdown(table, taus, settings, found=None):
             lines.append(f"| {style.label(m)} | " + " | ".join(_fmt(by.get(t)) for t in types) + " |")
         lines.append("")
     lines += [f"Consistency with the empirical gap Ĝ (Kendall τ-b over methods of the means over seeds; {LEVEL:.0%} "
-              f"percentile bootstrap interval over seeds only when every method has n ≥ {MIN_SEEDS_FOR_INTERVAL}):",
+              "two-level percentile bootstrap interval, the methods resampled and then each one's seeds, only when "
+              f"every method has n ≥ {MIN_SEEDS_FOR_INTERVAL}):",
               "", "| diagnostic | τ | interval | methods | distinct values |", "|---|---|---|---|---|"]
     for t in taus:
         tau = "n/a" if t["tau"] is None else f"{t['tau']:+.2f}" if t["informative"] else "not informative"
@@ -198,7 +267,7 @@ def markdown(table, taus, settings, found=None):
         mark = f" {NOT_CONVERGED}" if t["not_converged"] else ""
         label = t["label"].replace("|", "\\|")  # |N| inside a Markdown table cell
         lines.append(f"| {label}{mark} | {tau} | {ci} | {len(t['methods'])} | {t['distinct']} |")
-    lines += ["", *claim_lines(found or [])]
+    lines += ["", *claim_lines(found or [], settings)]
     lines += [f"- {n}" for n in _notes(table, taus)]
     return "\n".join(lines) + "\n"
 

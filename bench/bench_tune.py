@@ -62,9 +62,9 @@ def executor_wall(trials, reports, seconds):
 
 
 def _histories(runs):
-    """{method: {lr: [(step, val_loss)]}} of the first seed's lr-selection runs, and each method's chosen lr."""
+    """{method: {lr: [(step, val_loss)]}} of the selection seed's lr-selection runs, and each method's chosen lr."""
     selection = json.loads((Path(runs) / "lr_selection.json").read_text())
-    seed = selection["seeds"][0]
+    seed = selection.get("select_seed", selection["seeds"][0])  # older studies selected at their first seed
     out, chosen = {}, {}
     for m, sel in selection["methods"].items():
         chosen[m] = sel["lr"]

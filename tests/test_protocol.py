@@ -103,7 +103,7 @@ def test_lr_is_chosen_on_validation_never_on_test(tmp_path):
 
 
 def test_default_grids_follow_what_each_method_trains():
-    kinds = {m: study.trains(m) for m in study.DEFAULT_METHODS}
+    kinds = {m: study.trains(m) for m in study.METHOD_SETS["paper"]}
     assert kinds["fft"] == "full" and kinds["head"] == "head" and kinds["lora"] == kinds["cola"] == "A and B"
     assert kinds["lora_plus"] == "A and B, LoRA+"
     assert {kinds[m] for m in ("asym", "rac", "cla", "rcla", "c3la", "rc3la")} == {"B"}
@@ -126,7 +126,7 @@ def _weights(run):
 
 
 def test_ray_sweep_equals_the_serial_one_and_resumes_without_redoing_runs(tmp_path, tiny_model, local_ray):
-    kwargs = dict(methods=["cla", "lora"], seeds=[0, 1], budget="tiny", model=tiny_model, lr_grid=[3e-3, 3e-2],
+    kwargs = dict(methods=["cla", "lora"], seeds=[1, 2], budget="tiny", model=tiny_model, lr_grid=[3e-3, 3e-2],
                   diagnostics=(), progress=False)
     on_ray = study.sweep(runs=tmp_path / "ray", executor="ray", **kwargs)
     serial = study.sweep(runs=tmp_path / "serial", executor="serial", **kwargs)
@@ -136,16 +136,16 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_without_redoing_runs(tmp_pa
         lr = selection["methods"][method]["lr"]
         grid, added = selection["methods"][method]["grid"], selection["methods"][method]["extensions"]
         assert lr in grid and sorted([3e-3, 3e-2] + [e["lr"] for e in added]) == grid  # the grid, extended at edges
-        assert [os.path.basename(r) for r in on_ray[method]] == [f"{method}-lr{lr:g}-s{s}" for s in (0, 1)]
-        assert selection["methods"][method]["runs"] == [f"{method}-lr{lr:g}-s{s}" for s in (0, 1)]  # relative
+        assert [os.path.basename(r) for r in on_ray[method]] == [f"{method}-lr{lr:g}-s{s}" for s in (1, 2)]
+        assert selection["methods"][method]["runs"] == [f"{method}-lr{lr:g}-s{s}" for s in (1, 2)]  # relative
         for a, b in zip(on_ray[method], serial[method]):
             wa, wb = _weights(tmp_path / "ray" / os.path.basename(a)), _weights(tmp_path / "serial" / os.path.basename(b))
             for k in wa:
                 torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)  # 1 thread per run vs the default
-    # every lr of the (extended) grid for seed 0 and the chosen lr for seed 1: no more runs, no fewer
+    # every lr of the (extended) grid for the selection seed 0 and the chosen lr for seeds 1, 2: no more runs, no fewer
     assert sorted(p.name for p in (tmp_path / "ray").iterdir() if p.is_dir()) == sorted(
         [f"{m}-lr{lr:g}-s0" for m in ("cla", "lora") for lr in selection["methods"][m]["grid"]]
-        + [f"{m}-lr{selection['methods'][m]['lr']:g}-s1" for m in ("cla", "lora")])
+        + [f"{m}-lr{selection['methods'][m]['lr']:g}-s{s}" for m in ("cla", "lora") for s in (1, 2)])
     stamps = {p.name: (p / "training_stats.json").stat().st_mtime_ns for p in (tmp_path / "ray").iterdir() if p.is_dir()}
     study.sweep(runs=tmp_path / "ray", executor="ray", **kwargs)  # everything is done: nothing is redone
     assert stamps == {p.name: (p / "training_stats.json").stat().st_mtime_ns
@@ -191,30 +191,109 @@ def test_a_runs_directory_of_another_study_is_refused(tmp_path, tiny_model, caps
 
 # -- the paper's claims, as the report decides them -------------------------------------------------
 
-def test_claims_compare_the_matched_pairs_by_tost_and_directions_by_intervals():
-    from scipy import stats
-    from analysis import claims, summary
-    acc = {"lora": [0.80, 0.79, 0.81], "asym": [0.78, 0.80, 0.79], "cla": [0.70, 0.72, 0.69],
-           "rac": [0.795, 0.80, 0.805], "c3la": [0.79, 0.80, 0.81]}
-    intr = {"c3la": [5.0, 6.0, 7.0], "cla": [9.0, 8.0, 10.0]}
-    table = {m: {"test_metric": summary.aggregate(v), "intruders": summary.aggregate(intr[m]) if m in intr else None,
-                 "converged": [True, m != "asym", True]} for m, v in acc.items()}
-    found = {c["claim"]: c for c in claims.claims(table)}
+def _record(method, seed, acc, *, intruders=None, converged=True, steps=100, pairing=None, outcomes=None):
+    """A final run's record as analysis.records.collect makes it, with only what the claims read."""
+    stats = dict(test_metric=acc, generalization_gap=0.1, stopped_at=steps, best_link=1,
+                 pairing=pairing or dict(split_sha256="split", head_init_sha256=f"head{seed}",
+                                         data_order_sha256=f"order{seed}", seed=seed))
+    return dict(path=f"runs/{method}-s{seed}", method=method, seed=seed, stats=stats, converged=converged,
+                outcomes=outcomes, intruders={"mean_intruders": intruders} if intruders is not None else None,
+                bounds={"mi_bound": 1.0}, landscape=None, hessian=None, landscape_trainable=None,
+                hessian_trainable=None)
+
+
+ACC = {"lora": [0.80, 0.79, 0.81], "asym": [0.78, 0.80, 0.79], "cla": [0.70, 0.695, 0.705],
+       "rac": [0.795, 0.80, 0.805], "c3la": [0.792, 0.80, 0.81]}
+
+
+def _records(acc=ACC, intruders=None, **kw):
+    intruders = intruders or {}
+    return [_record(m, s, v, intruders=intruders.get(m, [None] * 3)[i], **kw)
+            for m, values in acc.items() for i, (s, v) in enumerate(zip((1, 2, 3), values))]
+
+
+def test_claims_are_paired_by_seed_and_decided_within_their_family_on_holm():
+    from scipy import stats as sp
+    from analysis import claims
+    from bounds import stats
+    found = {c["claim"]: c for c in claims.claims(_records(intruders={"c3la": [5.0, 6.0, 7.0],
+                                                                        "cla": [9.0, 10.1, 10.9]}))}
     # the paper's pairs: cla with its parameter-matched asym and with lora; c3la with rac and with lora
-    assert sorted(k for k in found if "points" in k) == sorted(
+    accuracy = [c for c in found.values() if c["family"] == "accuracy"]
+    assert sorted(c["claim"] for c in accuracy) == sorted(
         f"{m} within 3 points of {b} (test accuracy)" for m, b in
         (("cla", "asym"), ("cla", "lora"), ("c3la", "rac"), ("c3la", "lora")))
     cla = found["cla within 3 points of lora (test accuracy)"]
-    assert (cla["first"], cla["second"]) == ("cla", "lora")
-    assert cla["diff"] == pytest.approx(np.mean(acc["cla"]) - np.mean(acc["lora"]))  # negative: cla is below lora
-    welch90 = stats.ttest_ind(acc["cla"], acc["lora"], equal_var=False).confidence_interval(0.90)
-    assert cla["ci"] == pytest.approx([welch90.low, welch90.high]) and cla["verdict"] == "different"
-    assert found["c3la within 3 points of rac (test accuracy)"]["verdict"] == "equivalent"
-    assert found["cla within 3 points of asym (test accuracy)"]["not_converged"] == ["asym"]
+    assert (cla["first"], cla["second"], cla["seeds"]) == ("cla", "lora", [1, 2, 3])
+    assert cla["diff"] == pytest.approx(np.mean(ACC["cla"]) - np.mean(ACC["lora"]))  # negative: cla is below lora
+    paired90 = sp.ttest_rel(ACC["cla"], ACC["lora"]).confidence_interval(0.90)
+    assert cla["ci"] == pytest.approx([paired90.low, paired90.high])  # paired by seed, not Welch
+    assert cla["p_noninferior"] == pytest.approx(
+        sp.ttest_rel(np.add(ACC["cla"], 0.03), ACC["lora"], alternative="greater").pvalue)
+    # Holm within the accuracy family, on each of its p's; every verdict from the adjusted ones
+    for key in ("p", "p_equivalent", "p_worse"):
+        assert [c[f"{key}_holm"] for c in accuracy] == pytest.approx(stats.holm([c[key] for c in accuracy]))
+    assert cla["p"] == cla["p_noninferior"] and cla["family_size"] == 4
+    assert cla["verdict"] == "worse by more than the margin" and cla["p_worse_holm"] < 0.05
+    assert found["c3la within 3 points of rac (test accuracy)"]["verdict"] in ("equivalent", "non-inferior")
     more = found["c3la vs cla: more intruders"]
-    assert more["diff"] == pytest.approx(-3.0) and more["verdict"] == "fails"
-    two_seeds = {m: {"test_metric": summary.aggregate(v[:2])} for m, v in acc.items()}
+    assert more["family"] == "direction" and more["diff"] == pytest.approx(-4.0)
+    assert more["p"] == pytest.approx(sp.ttest_rel([5.0, 6.0, 7.0], [9.0, 10.1, 10.9]).pvalue)
+    assert more["verdict"] == "fails" and more["lengths"]["c3la"]["steps"] == [100, 100, 100]
+    assert {c["family"] for c in found.values()} == {"accuracy", "direction"}
+    two_seeds = [r for r in _records() if r["seed"] != 3]
     assert {c["verdict"] for c in claims.claims(two_seeds)} == {"undecided"}  # no interval below three seeds
+
+
+def test_a_raw_p_below_alpha_is_undecided_when_holm_says_so():
+    from analysis import claims
+    # cla vs asym alone is non-inferior at its raw p (0.02 < 0.05); beside three other claims Holm multiplies it
+    acc = {"asym": [0.80, 0.78, 0.82], "cla": [0.797, 0.769, 0.825], "lora": [0.95, 0.90, 0.99],
+           "rac": [0.80, 0.70, 0.90], "c3la": [0.80, 0.71, 0.88]}
+    found = {c["claim"]: c for c in claims.claims(_records(acc))}
+    c = found["cla within 3 points of asym (test accuracy)"]
+    assert c["p_noninferior"] < 0.05 <= c["p_holm"] and c["verdict"] == "undecided"
+
+
+def test_runs_of_one_seed_that_do_not_share_their_data_order_are_not_paired():
+    from analysis import claims
+    records = _records()
+    records[0]["stats"]["pairing"]["data_order_sha256"] = "another order"  # lora, seed 1
+    with pytest.raises(adapters.AdapterError, match="seed 1: .* differ in data_order_sha256"):
+        claims.claims(records)
+
+
+def test_per_example_outcomes_add_the_test_sets_error_to_the_interval():
+    from analysis import claims
+    rng = np.random.default_rng(0)
+    hard = rng.random(200) < 0.25  # the same hard examples for every method and seed
+
+    def outcomes(acc, seed):
+        correct = (~hard & (np.random.default_rng(seed).random(200) < acc / 0.75)).astype(float)
+        return dict(correct=correct, losses=np.zeros(200), units=np.ones(200))
+    records = []
+    for m, values in ACC.items():
+        for s, v in zip((1, 2, 3), values):
+            r = _record(m, s, 0.0, outcomes=outcomes(v, s * 7 + len(m)))
+            r["stats"]["test_metric"] = float(r["outcomes"]["correct"].mean())
+            records.append(r)
+    c = next(c for c in claims.claims(records, n_boot=500) if c["claim"].startswith("cla within 3 points of lora"))
+    assert c["examples_paired"] and c["n_examples"] == 200 and c["se_examples"] > 0
+    assert c["se"] ** 2 == pytest.approx(c["se_seeds"] ** 2 + c["se_examples"] ** 2)
+    seeds_only = claims.claims([dict(r, outcomes=None) for r in records], n_boot=500)
+    c0 = next(c for c in seeds_only if c["claim"].startswith("cla within 3 points of lora"))
+    # more error (the test set's), though not always a wider interval: the example part adds degrees of freedom
+    assert c0["se"] == pytest.approx(c["se_seeds"]) and c0["se"] < c["se"] and not c0["examples_paired"]
+
+
+def test_the_selection_seed_is_never_a_final_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--no-report",
+                    "--select-seed", "1", "--seeds", "1", "2"])
+    assert e.value.code == 2 and "--select-seed 1 is one of --seeds" in capsys.readouterr().err
+    assert study.BUDGETS["default"]["select_seed"] not in study.BUDGETS["default"]["seeds"]
+    assert study.expand_methods(["central"]) == study.DEFAULT_METHODS
+    assert len(study.expand_methods(["paper", "lora"])) == 11
 
 
 # -- an lr search that contains its optimum ----------------------------------------------------------
@@ -269,11 +348,11 @@ def test_the_grid_extension_stops_at_its_bound(tmp_path, monkeypatch):
 
 def test_the_sweep_records_its_extensions_in_lr_selection(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "_train_job", _peaked_training(0.05))
-    study.sweep(runs=tmp_path, methods=["cla"], seeds=[0, 1], budget="tiny", lr_grid=[1e-3, 3e-3, 1e-2],
+    study.sweep(runs=tmp_path, methods=["cla"], seeds=[1, 2], budget="tiny", lr_grid=[1e-3, 3e-3, 1e-2],
                 diagnostics=(), executor="serial", progress=False)
     saved = json.loads((tmp_path / study.SELECTION_FILE).read_text())["methods"]["cla"]
     assert saved["lr"] == pytest.approx(0.033) and [e["lr"] for e in saved["extensions"]] == pytest.approx([0.033, 0.11])
-    assert saved["runs"] == ["cla-lr0.033-s0", "cla-lr0.033-s1"]
+    assert saved["runs"] == ["cla-lr0.033-s1", "cla-lr0.033-s2"]
 
 
 # -- user data and errors inside Ray ----------------------------------------------------------------
@@ -372,3 +451,45 @@ def test_the_study_has_no_barrier_a_methods_follow_ups_start_when_its_own_runs_a
     # no slot idles while a job is waiting: 12 jobs on 2 slots end at t = 6 (rounds with a barrier: t = 7)
     assert max(start.values()) + 1 == 6
     assert pool.busy() == dict(jobs=12, slots=2, wall_s=6, busy_s=12, utilisation=1.0)  # what the study records
+
+
+@pytest.mark.parametrize("optimum,extensions", [(3e-3, 0), (0.05, 2)])
+def test_the_progress_bar_knows_its_total_from_the_start(tmp_path, monkeypatch, optimum, extensions):
+    totals = []
+
+    class Bar:  # tqdm's part the executor uses, recording the total it shows at the start and at each step
+        def __init__(self, total, **kw):
+            self.total, self.n, self.postfix = total, 0, None
+            totals.append(total)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+
+        def update(self, k):
+            self.n += k
+            totals.append(self.total)
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix = text
+    monkeypatch.setattr(executor, "tqdm", Bar)
+    monkeypatch.setattr(study, "_train_job", _peaked_training(optimum))
+    monkeypatch.setattr(study, "_reference_job", lambda *a: None)
+    study.sweep(runs=tmp_path, methods=["cla"], seeds=[1, 2], budget="tiny", lr_grid=[1e-3, 3e-3, 1e-2],
+                diagnostics=(), executor="serial", progress=True)
+    # 3 grid runs + 2 final runs + the reference, known before the first job; an extension adds itself
+    assert totals[0] == 6 and totals[-1] == 6 + extensions and totals == sorted(totals)
+
+
+def test_the_eta_comes_from_each_kinds_measured_times():
+    plan = executor.Plan({"train:cla": 4, "diagnose:spectral": 2})
+    timeline = [("train:cla", 0.0, 10.0, 2), ("train:cla", 0.0, 30.0, 2)]
+    plan.done("train:cla"), plan.done("train:cla")
+    # 2 cla runs left at their mean 20 s, 2 diagnostics at the mean of every finished job (none of theirs yet)
+    assert plan.eta(timeline, slots=2) == pytest.approx((2 * 20 + 2 * 20) / 2)
+    timeline.append(("diagnose:spectral", 30.0, 32.0, 2))
+    plan.done("diagnose:spectral")
+    assert plan.eta(timeline, slots=2) == pytest.approx((2 * 20 + 1 * 2) / 2)
+    assert executor.Plan({"x": 1}).eta([], 1) is None

@@ -1,8 +1,10 @@
 """Early stopping: the run stops when validation stops improving, tests and saves the best evaluation's weights, and
-records how it ended; a chained run trains every link and keeps the best evaluation of its last."""
+records how it ended; a chain converges link by link and keeps the best evaluation of any link."""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import adapters
 from adapters import models
@@ -63,23 +65,89 @@ def test_a_run_at_its_cap_still_improving_is_not_converged(tmp_path, tiny_model)
     assert stats["converged"] is False and stats["best_step"] == 3
 
 
-def test_a_chained_run_trains_every_link_and_keeps_the_best_of_its_last(tmp_path, tiny_model):
-    # k = 3 over a cap of 6 steps: links end after steps 2 and 4. Stopping watches the last link only (steps 5, 6):
-    # were links 1-2 watched too, the best evaluation (step 1 here, with this large min_delta nothing later counts as
-    # better) would keep link 1 alone, c3la's twin cla.
-    stats = train(model=tiny_model, method="c3la", chain_length=3, out=tmp_path / "k", max_steps=6,
-                  early_stopping=True, patience=1, min_delta=10.0, **SMALL)
-    assert stats["best_step"] == 5 and stats["stopped_at"] == 6 and len(stats["history"]) == 6
+def _chain(tmp_path, tiny_model, name, **kw):
+    """A c3la chain of k = 3 links, by default over a cap of 18 steps (each link at most 6), watched link by link."""
+    settings = dict(model=tiny_model, method="c3la", chain_length=3, early_stopping=True,
+                    **{**SMALL, "max_steps": 18, **kw})
+    return train(out=tmp_path / name, **settings), settings
+
+
+def _link_columns(path):
+    """Per adapted layer, whether each link's B (c3la: columns j·r … j·r + r − 1 of the merged B) is nonzero."""
+    r = SMALL["rank"]
+    return {name: [bool(B[:, j * r:(j + 1) * r].abs().sum() > 0) for j in range(B.shape[1] // r)]
+            for name, (B, A) in adapters.lowrank_factors(path).items()}
+
+
+def test_a_chain_keeps_the_best_evaluation_of_a_later_link(tmp_path, tiny_model):
+    # lr 0.1: link 1 gets worse after its first step and stops there (patience 1); link 2, on fresh columns from
+    # link 1's best, improves on it by more than min_delta; link 3 does not (its best is not 2.5e-3 below link 2's).
+    stats, _ = _chain(tmp_path, tiny_model, "a", patience=1, min_delta=2.5e-3, lr=1e-1)
+    links = stats["links"]
+    assert [(l["start"], l["end"], l["ended"]) for l in links] == [(0, 2, "patience"), (2, 4, "patience"),
+                                                                 (4, 6, "patience")]
+    assert stats["best_link"] == 2 and stats["best_step"] == 3 == links[1]["best_step"] and stats["kept_step"] == 3
+    best = {h["step"]: h["val_loss"] for h in stats["history"]}[3]
+    assert stats["best_val_loss"] == best == links[1]["best_val_loss"]
+    assert stats["val_loss"] == pytest.approx(best, rel=1e-5)  # the recorded evaluation is of the best weights
+    assert _val_loss(tmp_path / "a") == pytest.approx(best, rel=1e-5)  # and so is the checkpoint
+    meta = adapters.read_meta(tmp_path / "a")
+    assert meta["best_link"] == 2 and meta["link_boundaries"] == [2, 4] and meta["chain_length"] == 3
+    # the kept weights hold links 1 and 2; link 3, trained and dropped with the weights after step 3, is B = 0
+    assert all(trained == [True, True, False] for trained in _link_columns(tmp_path / "a").values())
+
+
+def test_a_chain_whose_later_links_do_not_help_keeps_link_one(tmp_path, tiny_model):
+    # min_delta larger than any change: each link improves on its own best once (its first evaluation), then stops
+    # after `patience` more, long before its cap of 6 steps; nothing after step 1 beats the run's best.
+    stats, _ = _chain(tmp_path, tiny_model, "b", patience=2, min_delta=10.0, save_trajectory=18)
+    assert [(l["link"], l["start"], l["end"], l["steps"], l["best_step"], l["ended"]) for l in stats["links"]] == [
+        (1, 0, 3, 3, 1, "patience"), (2, 3, 6, 3, 4, "patience"), (3, 6, 9, 3, 7, "patience")]
+    assert (stats["best_step"], stats["best_link"], stats["stopped_at"], stats["cap_steps"]) == (1, 1, 9, 18)
+    assert stats["converged"] is True
+    meta = adapters.read_meta(tmp_path / "b")
+    assert meta["best_link"] == 1 and meta["link_boundaries"] == [3, 6]  # the folds made, not the shares (6, 12)
+    assert _val_loss(tmp_path / "b") == pytest.approx(stats["history"][0]["val_loss"], rel=1e-5)
+    # ΔW is link 1's update at step 1 alone: links 2 and 3 have B = 0 ...
+    assert all(trained == [True, False, False] for trained in _link_columns(tmp_path / "b").values())
+    step = {s: load_file(str(tmp_path / "b" / "trajectory" / f"step_{s:08d}.safetensors")) for s in (1, 3)}
+    for name, (B, A) in adapters.lowrank_factors(tmp_path / "b").items():
+        torch.testing.assert_close(B, step[1][f"{name}.B"], rtol=1e-6, atol=1e-7)  # ... and link 1's B is step 1's
+    # link 1 stopped after step 3 and went on into link 2 with its best weights (step 1's, head included)
+    assert step[3].keys() == step[1].keys() and all(torch.equal(step[3][k], step[1][k]) for k in step[1])
+
+
+def test_a_link_stops_on_its_own_patience_not_at_its_cap(tmp_path, tiny_model):
+    # patience 1, evaluations every 2 steps from each link's start: every link ends after its second evaluation
+    # (its first one that does not improve), at 4 steps, not at its cap of 8.
+    stats, _ = _chain(tmp_path, tiny_model, "c", patience=1, min_delta=10.0, max_steps=24, eval_every=2)
+    assert [(l["start"], l["end"], l["ended"]) for l in stats["links"]] == [(0, 4, "patience"), (4, 8, "patience"),
+                                                                          (8, 12, "patience")]
+    assert [h["step"] for h in stats["history"]] == [2, 4, 6, 8, 10, 12] and stats["stopped_at"] == 12
+    assert adapters.read_meta(tmp_path / "c")["link_boundaries"] == [4, 8]
+
+
+def test_a_links_evaluations_count_from_its_start_and_come_at_its_end(tmp_path, tiny_model):
+    # Caps of 5 steps (15 / 3), evaluations every 2 steps: each link is evaluated 2 and 4 steps after its start and
+    # at its cap; no link stops early (patience 100), so the links end at the shares.
+    stats, _ = _chain(tmp_path, tiny_model, "e", patience=100, max_steps=15, eval_every=2, lr=1e-3)
+    assert [h["step"] for h in stats["history"]] == [2, 4, 5, 7, 9, 10, 12, 14, 15]
+    assert [(l["start"], l["end"], l["ended"]) for l in stats["links"]] == [(0, 5, "cap"), (5, 10, "cap"),
+                                                                          (10, 15, "cap")]
+    assert adapters.read_meta(tmp_path / "e")["link_boundaries"] == [5, 10]
+
+
+def test_without_early_stopping_a_chain_keeps_the_best_evaluation_of_any_link(tmp_path, tiny_model):
+    # Links end at the fixed shares (after steps 2 and 4) and nothing stops; keep="best" looks at every evaluation.
+    stats = train(model=tiny_model, method="c3la", chain_length=3, out=tmp_path / "k", max_steps=6, keep="best",
+                  min_delta=10.0, **SMALL)
+    assert [(l["end"], l["ended"]) for l in stats["links"]] == [(2, "cap"), (4, "cap"), (6, "cap")]
+    assert stats["stopped_at"] == 6 and len(stats["history"]) == 6
+    assert (stats["best_step"], stats["best_link"], stats["kept_step"]) == (1, 1, 1)  # nothing beats step 1 by 10
     meta = adapters.read_meta(tmp_path / "k")
-    assert meta["chain_length"] == 3 and meta["link_boundaries"] == [2, 4]
-    model = adapters.load(tmp_path / "k")
-    for name, layer in adapters.inject.adapted_layers(model).items():
-        touched = layer.delta_weight().abs().sum(0) > 0  # c3la's link j trains input columns j·r … j·r + r − 1
-        assert touched[:3 * SMALL["rank"]].all(), name
-    # the kept weights are step 5's (the last link's best), not the final step's
-    best = stats["history"][4]["val_loss"]
-    assert stats["history"][-1]["val_loss"] != pytest.approx(best, rel=1e-5)
-    assert _val_loss(tmp_path / "k") == pytest.approx(best, rel=1e-5) == stats["val_loss"]
+    assert meta["link_boundaries"] == [2, 4] and meta["best_link"] == 1
+    assert _val_loss(tmp_path / "k") == pytest.approx(stats["history"][0]["val_loss"], rel=1e-5) == stats["val_loss"]
+    assert all(trained == [True, False, False] for trained in _link_columns(tmp_path / "k").values())
 
 
 def test_early_stopping_needs_a_validation_split(tmp_path, tiny_model):
@@ -106,3 +174,25 @@ def test_a_resumed_early_stopped_run_equals_the_uninterrupted_one(tmp_path, tiny
     for key in ("best_step", "stopped_at", "converged", "val_loss"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
     assert json.loads((tmp_path / "part" / "training_stats.json").read_text())["kept"] == "best"
+
+
+def test_a_resumed_link_by_link_chain_equals_the_uninterrupted_one(tmp_path, tiny_model):
+    # Links end on patience after steps 5, 8 and 11 (their shares would end them after 8 and 16), the best (step 3)
+    # in link 1. The state saved after step 6 is mid link 2: one early fold made (none by the shares), link 2's own
+    # best so far (step 6) and the run's best (step 3, link 1) held.
+    kw = dict(patience=2, min_delta=1e-3, lr=1e-1, save_every=2, max_steps=24)
+    whole, settings = _chain(tmp_path, tiny_model, "whole", **kw)
+    assert [(l["end"], l["ended"]) for l in whole["links"]] == [(5, "patience"), (8, "patience"), (11, "patience")]
+    assert (whole["best_step"], whole["best_link"]) == (3, 1)
+
+    def interrupt(step):
+        if step == 7:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(out=tmp_path / "part", on_step=interrupt, **settings)
+    assert torch.load(tmp_path / "part.partial" / "state.pt", weights_only=False)["folds"] == [5]
+    resumed = train(out=tmp_path / "part", resume=True, **settings)
+    for key in ("best_step", "stopped_at", "best_link", "links", "history", "converged", "val_loss", "test_loss"):
+        assert resumed[key] == whole[key], key
+    for name in ("adapters_meta.json", "adapter_model.safetensors", "example_losses.safetensors"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

@@ -39,9 +39,10 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, mo
 
     trained = []
     monkeypatch.setattr(adapters.train, "train", functools.wraps(real_train)(
-        lambda **kw: trained.append(kw["method"]) or real_train(**kw)))
+        lambda **kw: trained.append((kw["method"], kw["seed"])) or real_train(**kw)))
     study.sweep(**kwargs)
-    assert trained == ["cla"] and done.stat().st_mtime_ns == before
+    # lora's selection run is not redone; cla's is, then both final runs (seed 1: the tiny budget's)
+    assert sorted(trained) == [("cla", 0), ("cla", 1), ("lora", 1)] and done.stat().st_mtime_ns == before
     assert (runs / "cla-lr0.01-s0" / "training_stats.json").exists()
     with pytest.raises(adapters.AdapterError, match="other settings"):
         study.sweep(**{**kwargs, "rank": 8})
@@ -50,7 +51,7 @@ def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, mo
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("study")
-    study.sweep(runs=root / "runs", methods=["lora", "cla", "c3la"], seeds=[0, 1], budget="tiny", model=tiny_model,
+    study.sweep(runs=root / "runs", methods=["lora", "cla", "c3la"], seeds=[1, 2], budget="tiny", model=tiny_model,
                 lr_grid=[1e-2], executor="serial", progress=False)
     return root, report.report(root / "runs", root / "figures", n_boot=200, formats=("png",))
 
@@ -261,43 +262,63 @@ def _seeded_runs(hessian_of, noise=0.01):
     return out
 
 
-def test_the_bound_is_compared_with_each_diagnostic_by_a_paired_bootstrap():
+def test_the_bound_is_compared_with_each_diagnostic_by_a_bootstrap_over_methods_and_seeds():
     from analysis import claims
     records = _seeded_runs(lambda g, mi: 10.0 - mi)  # the Hessian orders the methods backwards
-    table = summary.summary(records, [])
-    rows = [c for c in claims.claims(table, records, n_boot=200) if c["kind"] == "tau"]
+    rows = [c for c in claims.claims(records, n_boot=200) if c["kind"] == "tau"]
     assert [c["second"] for c in rows] == ["hessian"]  # one row per diagnostic the runs have
     row = rows[0]
-    assert row["diff"] == pytest.approx(2.0) and row["ci"] == pytest.approx([2.0, 2.0]) and row["verdict"] == "holds"
+    assert row["diff"] == pytest.approx(2.0) and row["family"] == "tau"
+    assert "methods, then each" in row["interval_method"]
+    # a resample that draws a method twice ties it in the bound and the Hessian but not in Ĝ (its seeds drawn
+    # apart): both |τ| < 1; one that draws a single method orders nothing (τ = 0)
+    assert 0 <= row["ci"][0] < row["ci"][1] == pytest.approx(2.0)
     same = _seeded_runs(lambda g, mi: mi + 0.001 * g, noise=0.3)  # the bound's ordering, other values
-    row = next(c for c in claims.claims(summary.summary(same, []), same, n_boot=200) if c["kind"] == "tau")
-    # paired: every resample gives both τ's from the same seeds, so their difference is 0 in each one
-    assert row["diff"] == 0 and row["ci"] == [0.0, 0.0] and row["verdict"] == "undecided"
+    row = next(c for c in claims.claims(same, n_boot=200) if c["kind"] == "tau")
+    # the same ordering: no difference, and none decided (a resample drawing a method twice ties it in the bound
+    # but not in the other diagnostic, so single resamples differ both ways)
+    assert row["diff"] == 0 and row["ci"][0] <= 0 <= row["ci"][1] and row["verdict"] == "undecided"
     three = [r for r in records if r["method"] != "head"]  # 3 methods: 3 distinct values, τ decides nothing
-    row = next(c for c in claims.claims(summary.summary(three, []), three, n_boot=200) if c["kind"] == "tau")
-    assert row["ci"] == pytest.approx([2.0, 2.0]) and row["verdict"] == "undecided" and "not informative" in row["note"]
+    row = next(c for c in claims.claims(three, n_boot=200) if c["kind"] == "tau")
+    assert row["p"] is None and row["verdict"] == "undecided" and "not informative" in row["note"]
     assert "3 methods, 3 seeds each" in next(line for line in tables.claim_lines([row]) if line.startswith("| the MI"))
-    tau = next(t for t in (summary.consistency(same, d, n_boot=200) for d in ("mi_bound",)))
+    tau = summary.consistency(same, "mi_bound", n_boot=200)
     assert tau["interval"][0] < tau["interval"][1]  # while τ itself moves from resample to resample
 
 
-def test_the_claims_table_names_first_and_second_and_says_undecided():
+def test_the_bootstrap_over_methods_is_wider_than_over_seeds_alone():
+    """An ordering of methods is a sample of methods: with the methods fixed, a τ from 4 well-separated methods
+    never moves; resampling the methods too gives the spread a reader must allow for."""
+    records = _seeded_runs(lambda g, mi: mi + (2.5 if mi == 1.0 else 0.0), noise=0.01)  # head out of place
+    t = summary.consistency(records, "hessian", n_boot=400)
+    assert t["tau"] == pytest.approx(1 / 3)  # head is third by the Hessian, first by Ĝ: 4 of 6 pairs agree
+    # over seeds alone the interval would be [1/3, 1/3] (noise 0.01 never reorders the methods)
+    assert t["interval"][1] - t["interval"][0] >= 1.0
+
+
+def test_the_claims_table_names_first_and_second_and_says_what_would_decide():
     from analysis import claims
     acc = {"lora": [0.80, 0.79, 0.81], "cla": [0.70, 0.72, 0.69], "asym": [0.71, 0.74, 0.70]}
-    table = {m: {"test_metric": summary.aggregate(v), "metric": "accuracy", "converged": [True, True, False]}
-             for m, v in acc.items()}
-    lines = tables.claim_lines(claims.claims(table))
+    records = [dict(_run(m, s, 0.0), converged=(s != 2), intruders=None) for m in acc for s in range(3)]
+    for r in records:
+        r["stats"]["test_metric"] = acc[r["method"]][r["seed"]]
+    found = claims.claims(records)
+    lines = tables.claim_lines(found, dict(alpha=0.05))
     vs_lora = next(line for line in lines if line.startswith("| cla within 3 points of lora"))
-    assert "cla − lora = -0.0967" in vs_lora and "| 3 / 3 |" in vs_lora and "Welch 90% [" in vs_lora
-    assert "different" in vs_lora and "stopped at the cap still improving: cla, lora" in vs_lora
+    assert "cla − lora = -0.0967" in vs_lora and "| 3 seeds (no per-example outcomes: seeds only) |" in vs_lora
+    assert "stopped at the cap still improving: cla, lora" in vs_lora and "for 80% power" in vs_lora
     vs_asym = next(line for line in lines if line.startswith("| cla within 3 points of asym"))
-    assert "cla − asym = -0.0133" in vs_asym and "| undecided (TOST p = " in vs_asym
+    c = next(c for c in found if c["claim"].startswith("cla within 3 points of asym"))
+    assert "cla − asym = -0.0133" in vs_asym and f"{c['p_noninferior']:.3f} ({c['p_holm']:.3f})" in vs_asym
+    assert "**Accuracy against a baseline** (2 claims)" in "\n".join(lines)
+    assert tables.p_text(0.997) == "0.997" and tables.p_text(0.9996) == "> 0.999" and tables.p_text(2e-4) == "< 0.001"
 
 
 def test_the_study_records_how_busy_its_slots_were(tiny_study):
     root, result = tiny_study
     ex = json.loads((root / "runs" / "lr_selection.json").read_text())["executor"]
-    # every job of the one queue: 3 methods x 2 seeds, each final run's 5 diagnostics, the untrained reference
-    assert ex["jobs"] == 6 + 6 * 5 + 1 and ex["slots"] == 1
+    # every job of the one queue: 3 methods' selection runs, 3 methods x 2 final seeds, each final run's 5
+    # diagnostics, the untrained reference
+    assert ex["jobs"] == 3 + 6 + 6 * 5 + 1 and ex["slots"] == 1
     assert 0 < ex["busy_s"] <= ex["wall_s"] and ex["utilisation"] == pytest.approx(ex["busy_s"] / ex["wall_s"])
-    assert f"its 37 jobs kept its 1 slot busy {ex['utilisation']:.0%} of the time" in result["markdown"]
+    assert f"its 40 jobs kept its 1 slot busy {ex['utilisation']:.0%} of the time" in result["markdown"]

@@ -17,7 +17,8 @@ def test_the_report_shows_the_untrained_model_on_the_runs_splits(tiny_study, tin
     # The same numbers as an evaluation of the untrained model by hand, with the runs' split sizes and length.
     study = json.loads((root / "runs" / "study.json").read_text())
     sizes = {k: study["train"][k] for k in ("n_train", "n_val", "n_test", "max_length")}
-    want = evaluate.run(tiny_model, seed=0, out=tmp_path / "e.json", progress=False, **sizes)["splits"]
+    want = evaluate.run(tiny_model, seed=result["settings"]["seeds"][0], out=tmp_path / "e.json", progress=False,
+                        **sizes)["splits"]
     for split in ("train", "test"):
         assert ref["splits"][split]["loss"] == pytest.approx(want[split]["loss"], rel=1e-6)
     [line] = [x for x in result["markdown"].splitlines() if x.startswith("| untrained model (reference) |")]
