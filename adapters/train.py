@@ -18,6 +18,7 @@ always runs in fp32 eval mode, so it is what a fresh evaluation of the loaded ch
 import inspect
 import json
 import math
+import os
 import pickle
 import platform
 import random
@@ -99,6 +100,19 @@ def _versions():
     import transformers
     return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, accelerate=accelerate.__version__)
+
+
+def _machine(device):
+    """What the run's timings were measured on: the CPU's model name (Linux's /proc/cpuinfo, else the platform's),
+    its logical CPUs, and the GPU's name when the run used one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(cpu=cpu, logical_cpus=os.cpu_count(), gpu=gpu)
 
 
 def _loss_summary(prefix, losses):
@@ -502,7 +516,8 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         median_step_time_s=statistics.median(step_times) if step_times else None,
         throughput_examples_per_s=batch_size / statistics.median(step_times) if step_times else None,
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
-        device=str(accelerator.device), **precision, mid_run_eval=mid_run, pairing=pairs, versions=_versions())
+        device=str(accelerator.device), machine=_machine(accelerator.device), **precision, mid_run_eval=mid_run,
+        pairing=pairs, versions=_versions())
     if accelerator.is_main_process:
         task_meta = dict(name=the_task.name, type=kind.name,
                          data=str(Path(data_file).resolve()) if data_file else None, labels=the_task.labels,

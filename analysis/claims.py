@@ -136,12 +136,13 @@ def _decide(found):
     """Holm within each family, then each verdict from its adjusted p's."""
     for family in FAMILIES:
         rows = [c for c in found if c["family"] == family]
-        for key in ("p", "p_equivalent", "p_worse") if family == "accuracy" else ("p",):
+        for key in ("p_noninferior", "p_equivalent", "p_worse") if family == "accuracy" else ("p",):
             for c, q in zip(rows, stats.holm([c.get(key) for c in rows])):
                 c[f"{key}_holm"] = q
         for c in rows:
             c["family_size"] = len(rows)
-            if family == "accuracy":
+            if family == "accuracy":  # the claim's own p is non-inferiority's: "competitive"
+                c["p_holm"] = c["p_noninferior_holm"]
                 c["verdict"] = stats.margin_verdict(c["p_holm"], c["p_equivalent_holm"], c["p_worse_holm"])
             else:
                 c["verdict"] = stats.direction_verdict(c["diff"], c["p_holm"], c["positive"])

@@ -68,7 +68,10 @@ class _Executor:
                 bar.total = max(plan.total(), bar.n + 1 + len(queue) + len(running))
                 eta = plan.eta(self.timeline, slots)
                 if eta is not None:
-                    bar.set_postfix_str(f"ETA {eta / 60:.0f} min from the jobs' measured times", refresh=False)
+                    seconds, untimed = eta
+                    bar.set_postfix_str(f"ETA {'> ' if untimed else ''}{seconds / 60:.0f} min from the jobs' measured "
+                                        f"times{' (not yet timed: ' + ', '.join(untimed) + ')' if untimed else ''}",
+                                        refresh=False)
                 bar.update(1)
         return [results[i] for i in sorted(results)]
 
@@ -109,27 +112,26 @@ class Plan:
         return sum(self.planned.values())
 
     def eta(self, timeline, slots):
-        """Seconds until the planned jobs are done: each kind's remaining jobs × the mean measured time of that
-        kind's finished jobs (of its family, the part before ':', while none of it has finished; of every job while
-        none of the family has), over the slots. None before any job has finished."""
-        took = {}
+        """(seconds until the planned jobs are done, the families not yet timed): each kind's remaining jobs × the
+        mean measured time of that kind's finished jobs (of its family, the part before ':', while none of the kind
+        has finished), over the slots. A family none of whose jobs has finished is left out and named, so the
+        seconds are then a lower bound (a diagnostic is not a training run: no time is borrowed across families).
+        None before any job has finished."""
+        took, family = {}, {}
         for name, start, end, _ in timeline:
             took.setdefault(name, []).append(end - start)
+            family.setdefault(name.split(":")[0], []).append(end - start)
         if not took:
             return None
-
-        def mean(xs):
-            return sum(xs) / len(xs)
-        family = {}
-        for name, xs in took.items():
-            family.setdefault(name.split(":")[0], []).extend(xs)
-        every = [x for xs in took.values() for x in xs]
-        left = 0.0
+        left, untimed = 0.0, set()
         for kind, n in self.planned.items():
             remaining = max(0, n - self.finished.get(kind, 0))
-            if remaining:
-                left += remaining * mean(took.get(kind) or family.get(kind.split(":")[0]) or every)
-        return left / slots
+            times = took.get(kind) or family.get(kind.split(":")[0])
+            if remaining and times:
+                left += remaining * sum(times) / len(times)
+            elif remaining:
+                untimed.add(kind.split(":")[0])
+        return left / slots, sorted(untimed)
 
 
 class SerialExecutor(_Executor):

@@ -58,7 +58,7 @@ def plot_consistency(records, taus, out, formats):
 
 
 def plot_landscapes(records, out, formats):
-    """The 1-D train-loss curves of the first seed's runs, one per method: common space, then own space."""
+    """The 1-D train-loss curves of the first final seed's runs, one per method: common space, then own space."""
     import matplotlib.pyplot as plt
     panels = {}
     for key in ("landscape", "landscape_trainable"):
@@ -84,8 +84,8 @@ def plot_landscapes(records, out, formats):
 
 
 def plot_spectral(records, matrices, out, formats):
-    """The spectral figures (ε-sweep, heatmap, spectra, totals) over the compared matrices of the first seed's
-    runs; methods that adapt no matrix (head-only) are left out."""
+    """The spectral figures (ε-sweep, heatmap, spectra, totals) over the compared matrices of the first final
+    seed's runs; methods that adapt no matrix (head-only) are left out."""
     from analysis import spectral
     first = {}
     for r in sorted(records, key=lambda r: r["seed"]):

@@ -146,6 +146,17 @@ def hessian_converged(record, key):
     return None if result is None else bool(result["lanczos"]["converged"])
 
 
+def machines(records):
+    """The machines the runs trained on, as training_stats records them: 'CPU model (N logical CPUs)' or the GPU's
+    name, each once; runs from before the record are left out."""
+    seen = {}
+    for r in records:
+        m = r["stats"].get("machine")
+        if m:
+            seen[m.get("gpu") or f"{m['cpu']} ({m['logical_cpus']} logical CPUs)"] = None
+    return list(seen)
+
+
 def study_elapsed(runs):
     """Seconds from the study's start (runs/study.json, written first) to the last result file any run wrote; None
     outside a study. Measured off the files, so it holds for the runs as they are, however they were scheduled."""

@@ -36,7 +36,7 @@ from analysis.figures import plot_consistency, plot_landscapes, plot_outcomes, p
 from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE
 from analysis.readme import README_BEGIN, README_END, readme_parts, readme_section, write_readme
 from analysis.records import (DIAGNOSTICS, OUTCOMES, hessian_converged, read_json, collect, compared_matrices,
-                              restrict_intruders, study_elapsed)
+                              machines, restrict_intruders, study_elapsed)
 from analysis.summary import consistency, summary
 from analysis.tables import latex, markdown
 from bounds.stats import ALPHA, MIN_SEEDS_FOR_INTERVAL
@@ -71,6 +71,7 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
                     seeds=(selection or {}).get("seeds", (study or {}).get("seeds")),
                     runs_count=len(records), matrices=matrices, min_seeds_for_interval=MIN_SEEDS_FOR_INTERVAL,
                     training_seconds=sum(r["stats"].get("wall_time_s") or 0.0 for r in records),
+                    machines=machines(records),
                     study=study, elapsed_seconds=study_elapsed(runs),
                     reference=read_json(Path(runs) / REFERENCE_FILE),
                     executor=(selection or {}).get("executor"), select_by=(selection or {}).get("select_by"))

@@ -133,5 +133,6 @@ def summary(records, matrices, selection=None):
         row["val_loss_falling"] = [r["val_loss_falling"] for r in by_seed]
         row["converged"] = [r.get("converged") for r in by_seed]
         row["stopped"] = [dict(best_step=r["stats"].get("best_step"), stopped_at=r["stats"].get("stopped_at"),
-                               cap=r["stats"].get("cap_steps")) for r in by_seed]
+                               cap=r["stats"].get("cap_steps"), best_link=r["stats"].get("best_link"),
+                               links=len(r["stats"].get("links") or ())) for r in by_seed]
     return table

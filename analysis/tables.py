@@ -40,11 +40,14 @@ def _to_decide(c):
     w = c.get("power") or {}
     if w.get("margin_decided") is None:
         return "n/a"
-    seeds = (f"{w['seeds']} seeds" if w["seeds"] is not None else
-             "not with this test set (its own error is too large)" if w["limited_by"] == "test set"
-             else f"more than {MAX_SEEDS} seeds")
-    return (f"non-inferior now for δ > {w['margin_decided']:.3f}; at δ = {c['margin']:g}: {seeds} for "
-            f"{w['power']:.0%} power")
+    now = f"non-inferior now for δ > {w['margin_decided']:.3f}"
+    if c["verdict"] != "undecided":
+        return f"decided; {now}"
+    goal = "non-inferiority" if c["diff"] > -c["margin"] else "worse by more than δ"
+    seeds = (f"{w['seeds']} seeds for {w['power']:.0%} power to show {goal}" if w["seeds"] is not None else
+             f"no number of seeds shows {goal} with this test set (its own error is too large)"
+             if w["limited_by"] == "test set" else f"more than {MAX_SEEDS} seeds to show {goal}")
+    return f"{now}; at δ = {c['margin']:g}: {seeds}"
 
 
 def _lengths(c):
@@ -58,64 +61,71 @@ def _lengths(c):
     return " · ".join(parts)
 
 
+def _count(n, word):
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _accuracy_row(c):
+    n = (f"{_count(c['n_seeds'], 'seed')} × {c['n_examples']} test examples" if c["examples_paired"] else
+         f"{_count(c['n_seeds'], 'seed')} (no per-example outcomes: seeds only)")
+    parts = "" if c["se"] is None else f" (± {c['se_seeds']:.3f}, ± {c['se_examples']:.3f})"
+    return [c["claim"], f"{c['first']} − {c['second']} = {_signed(c['diff'])}", n, _ci(c["ci"]) + parts,
+            *(f"{p_text(c[p])} ({p_text(c[p + '_holm'])})" for p in ("p_noninferior", "p_equivalent", "p_worse")),
+            _verdict(c), _to_decide(c)]
+
+
+def _direction_row(c):
+    return [c["claim"], f"{c['first']} − {c['second']} = {_signed(c['diff'])}", str(c["n_seeds"]), _ci(c["ci"]),
+            f"{p_text(c['p'])} ({p_text(c['p_holm'])})", _verdict(c), _lengths(c)]
+
+
+def _tau_row(c):
+    seeds = sorted(set(c["n"]))
+    n = f"{len(c['n'])} methods, {'–'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} seeds each"
+    return [c["claim"].replace("|", "\\|"), f"τ({c['first']}) − τ({c['second']}) = {_signed(c['diff'])}", n,
+            _ci(c["ci"]), f"{p_text(c['p'])} ({p_text(c['p_holm'])})", _verdict(c)]
+
+
+# Each family's table: its title, what it tests (from a claim, which says the margin), its columns, a row per claim.
+FAMILY_TABLES = {
+    "accuracy": ("Accuracy against a baseline",
+                 lambda c: f"Competitive = non-inferior at δ = {c['margin']:g} "
+                           "(one-sided, H0: worse by δ or more); equivalent = TOST at ±δ; worse by more than δ = the "
+                           "opposite one-sided test. The interval is the 90 % one (each end a one-sided bound at α); "
+                           "its error adds the seeds' and the test examples' (one bootstrap of the examples for both "
+                           "methods and every seed), with Welch–Satterthwaite degrees of freedom.",
+                 ["claim", "difference", "n", "90 % interval (± seeds, ± examples)", "p non-inferior (Holm)",
+                  "p equivalent (Holm)", "p worse by > δ (Holm)", "verdict", "to decide it"], _accuracy_row),
+    "direction": ("Chained method against its one-link twin",
+                  lambda c: "The paired t-test over seeds (two-sided), "
+                            "95 % interval; holds when the adjusted p < α on the claimed side, fails on the other. Last "
+                            "column: steps trained per seed (and the chain's best link), since a longer run can "
+                            "explain a difference.",
+                  ["claim", "difference", "seeds", "95 % interval", "p (Holm)", "verdict", "steps per seed"],
+                  _direction_row),
+    "tau": ("The MI bound against each other diagnostic",
+            lambda c: "τ(bound, Ĝ) − τ(other, Ĝ); 95 % two-level "
+                      "percentile bootstrap interval and p (the methods compared resampled, then each drawn method's "
+                      "seeds; both τ's from the same resample).",
+            ["claim", "difference", "n", "95 % interval", "p (Holm)", "verdict"], _tau_row),
+}
+
+
 def claim_lines(found, settings=None):
     """The claims tables, one per family (analysis.claims.FAMILIES), each with its Holm-adjusted p's; difference =
     first − second as the claim names them, paired by seed."""
     if not found:
         return []
-    settings = settings or {}
-    alpha = settings.get("alpha", 0.05)
+    alpha = (settings or {}).get("alpha", 0.05)
     lines = [f"The paper's claims on this study, in {len({c['family'] for c in found})} families; Holm's correction "
              f"within each family, every verdict decided on its adjusted p at α = {alpha:g}; differences are "
              "first − second, paired by seed (the same split, head initialisation and data order for both); no "
              f"interval below n = {MIN_SEEDS_FOR_INTERVAL} seeds (undecided then).", ""]
-    accuracy = [c for c in found if c["family"] == "accuracy"]
-    if accuracy:
-        margin = accuracy[0]["margin"]
-        lines += [f"**Accuracy against a baseline** ({len(accuracy)} claims). Competitive = non-inferior at δ = "
-                  f"{margin:g} (one-sided, H0: worse by δ or more); equivalent = TOST at ±δ; worse by more than δ = "
-                  "the opposite one-sided test. The interval is the 90 % one (each end a one-sided bound at α); its "
-                  "error adds the seeds' and the test examples' (one bootstrap of the examples for both methods and "
-                  "every seed), with Welch–Satterthwaite degrees of freedom.", "",
-                  "| claim | difference | n | 90 % interval (± seeds, ± examples) | p non-inferior (Holm) | "
-                  "p equivalent (Holm) | p worse by > δ (Holm) | verdict | to decide it |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for c in accuracy:
-            n = f"{c['n_seeds']} seeds × {c['n_examples']} test examples" if c["examples_paired"] else \
-                f"{c['n_seeds']} seeds (no per-example outcomes: seeds only)"
-            parts = "" if c["se"] is None else f" (± {c['se_seeds']:.3f}, ± {c['se_examples']:.3f})"
-            lines.append(f"| {c['claim']} | {c['first']} − {c['second']} = {_signed(c['diff'])} | {n} | "
-                         f"{_ci(c['ci'])}{parts} | {p_text(c['p_noninferior'])} ({p_text(c['p_holm'])}) | "
-                         f"{p_text(c['p_equivalent'])} ({p_text(c['p_equivalent_holm'])}) | "
-                         f"{p_text(c['p_worse'])} ({p_text(c['p_worse_holm'])}) | {_verdict(c)} | {_to_decide(c)} |")
-        lines.append("")
-    direction = [c for c in found if c["family"] == "direction"]
-    if direction:
-        lines += [f"**Chained method against its one-link twin** ({len(direction)} claims): the paired t-test over "
-                  "seeds (two-sided), 95 % interval; holds when the adjusted p < α on the claimed side, fails on the "
-                  "other. Last column: steps trained per seed (and the chain's best link), since a longer run can "
-                  "explain a difference.", "",
-                  "| claim | difference | seeds | 95 % interval | p (Holm) | verdict | steps per seed |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in direction:
-            lines.append(f"| {c['claim']} | {c['first']} − {c['second']} = {_signed(c['diff'])} | {c['n_seeds']} | "
-                         f"{_ci(c['ci'])} | {p_text(c['p'])} ({p_text(c['p_holm'])}) | {_verdict(c)} | "
-                         f"{_lengths(c)} |")
-        lines.append("")
-    tau = [c for c in found if c["family"] == "tau"]
-    if tau:
-        lines += [f"**The MI bound against each other diagnostic** ({len(tau)} claims): τ(bound, Ĝ) − τ(other, Ĝ); "
-                  "95 % two-level percentile bootstrap interval and p (the methods compared resampled, then each "
-                  "drawn method's seeds; both τ's from the same resample).", "",
-                  "| claim | difference | n | 95 % interval | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
-        for c in tau:
-            name = c["claim"].replace("|", "\\|")
-            seeds = sorted(set(c["n"]))
-            n = (f"{len(c['n'])} methods, {'–'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} "
-                 "seeds each")
-            lines.append(f"| {name} | τ({c['first']}) − τ({c['second']}) = {_signed(c['diff'])} | {n} | "
-                         f"{_ci(c['ci'])} | {p_text(c['p'])} ({p_text(c['p_holm'])}) | {_verdict(c)} |")
-        lines.append("")
+    for family, (title, text, columns, row) in FAMILY_TABLES.items():
+        rows = [c for c in found if c["family"] == family]
+        if rows:
+            lines += [f"**{title}** ({_count(len(rows), 'claim')}). {text(rows[0])}", "", "| " + " | ".join(columns) + " |",
+                      "|" + "---|" * len(columns), *("| " + " | ".join(row(c)) + " |" for c in rows), ""]
     counts = {v: sum(c["verdict"] == v for c in found) for v in dict.fromkeys(c["verdict"] for c in found)}
     return lines + [" · ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(found)} claims.", ""]
 
@@ -188,10 +198,10 @@ def _selection_rows(table):
         return []
     by = rows[0][1]["lr_selection"]["by"]
     lines = [f"Learning rates, each chosen on the validation split by {by} (ties: lower validation loss), at the "
-             "first seed; * = the choice; + = a grid point added because the choice was at an edge; ‖ = the choice "
-             "is still at an edge (the search's bound reached). Last column, per seed: the step of the best "
-             "validation evaluation (the weights kept) / the step the run stopped at; \"cap, improving\": it hit its "
-             "cap while still improving (not converged):", "",
+             "selection seed, whose runs are not among the final ones; * = the choice; + = a grid point added because the choice was at an edge; ‖ = the choice "
+             "is still at an edge (the search's bound reached). Last column, per final seed: the step of the best "
+             "validation evaluation (the weights kept; a chain's: and its link) / the step the run stopped at; \"cap, "
+             "improving\": it hit its cap while still improving (not converged):", "",
              "| method | grid: validation score | chosen | best / stopped, per seed |", "|---|---|---|---|"]
     for m, row in rows:
         sel = row["lr_selection"]
@@ -204,14 +214,17 @@ def _selection_rows(table):
 
 
 def _ending(stopped, converged):
-    """'96 / 160' (best step / stopped at), marked when the run hit its cap still improving."""
+    """'96 / 160' (best step / stopped at; a chain's: '96 (link 1 of 3) / 160'), marked when the run hit its cap
+    still improving."""
     if stopped.get("stopped_at") is None:
         return "n/a"
-    return (f"{stopped['best_step'] if stopped['best_step'] is not None else 'n/a'} / {stopped['stopped_at']}"
+    link = (f" (link {stopped['best_link']} of {stopped['links']})"
+            if (stopped.get("links") or 0) > 1 and stopped.get("best_link") else "")
+    return (f"{stopped['best_step'] if stopped['best_step'] is not None else 'n/a'}{link} / {stopped['stopped_at']}"
             + (" (cap, improving)" if converged is False else ""))
 
 
-def _study_line(study, elapsed=None, executor=None):
+def _study_line(study, elapsed=None, executor=None, machines=()):
     if not study:
         return []
     train = ", ".join(f"{k} {v}" for k, v in (study.get("train") or {}).items())
@@ -221,7 +234,8 @@ def _study_line(study, elapsed=None, executor=None):
         cpus = f", {executor['cluster_cpus']:g} CPUs" if executor.get("cluster_cpus") else ""
         busy = (f"; its {executor['jobs']} jobs kept its {executor['slots']} slot{'s' * (executor['slots'] != 1)} busy "
                 f"{executor['utilisation']:.0%} of the time" if executor.get("utilisation") is not None else "")
-        where = (f" It took {elapsed / 60:.1f} min from its start to its last result "
+        on = f" on {' and '.join(machines)}" if machines else ""
+        where = (f" It took {elapsed / 60:.1f} min from its start to its last result{on} "
                  f"(executor {executor.get('executor', 'serial')}{cpus}{busy}).")
     seeds = (f" Each method's lr chosen on validation at seed {study['select_seed']}, whose runs are never tested; "
              f"the final runs, tested and compared, are seeds {', '.join(map(str, seeds_of))}."
@@ -237,7 +251,8 @@ def markdown(table, taus, settings, found=None):
     matrices = settings["matrices"]
     types = sorted({t for row in table.values() if row["intruders"] for t in row["intruders"]["by_type"]})
     study = dict(settings.get("study") or {}, seeds=settings.get("seeds")) if settings.get("study") else None
-    lines = _study_line(study, settings.get("elapsed_seconds"), settings.get("executor")) + [
+    lines = _study_line(study, settings.get("elapsed_seconds"), settings.get("executor"),
+                        settings.get("machines") or ()) + [
         f"Runs: {settings['runs_count']} in {settings['runs']} · σ from loss clip b = {settings['loss_clip']:g} "
         f"(σ = b/2) · each cell: mean ± sample standard deviation over the n seeds (no ± for n = 1) · "
         f"training time summed over the runs: {settings['training_seconds'] / 60:.1f} min", "",
@@ -284,6 +299,13 @@ def _notes(table, taus):
         ties = ties_note(t["label"].split(" √")[0], t["distinct"], len(t["methods"]))
         if ties:
             notes.append(ties + ".")
+    for m, row in table.items():  # a chain that kept its first link in every seed is its twin's run, said so
+        spec = METHODS[m].adapter
+        links = [s.get("best_link") for s in row.get("stopped", [])]
+        if spec is not None and spec.chained and links and all(b == 1 for b in links):
+            notes.append(f"{style.label(m)} kept its first link's weights in every seed (its later links never "
+                         "lowered the validation loss): its numbers are those of its one-link twin "
+                         f"{style.label(spec.twin)} at its lr ({_lr(row)}).")
     if any(row["vacuous"] for row in table.values()):
         notes.append(f"{VACUOUS} vacuous: the MI bound is ≥ b, and the loss clipped to [0, b] has |G| ≤ b for any "
                      "weights; the bound is about Ĝ clipped at b.")
