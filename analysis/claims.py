@@ -1,5 +1,5 @@
-"""The paper's claims (docs/THEORY.md, "comparing methods"), each decided on this study by a test that can say
-"undecided", with its family's multiplicity controlled (Holm) and every comparison paired.
+"""The paper's claims, each decided on this study by a test that can say "undecided", with its family's
+multiplicity controlled (Holm) and every comparison paired.
 
 Three families, Holm within each (bounds.stats.holm), every verdict decided on its Holm-adjusted p:
 - accuracy: each sparse method against its parameter-matched baseline (cla, rcla vs asym: the same P with a fixed A;
@@ -27,7 +27,7 @@ from analysis.summary import tau_difference
 from bounds import stats
 
 MARGIN = 0.03  # "within a few points" of accuracy: 3 points, as a difference of accuracies in [0, 1]
-# Sparse method -> its parameter-matched baseline (same trained-scalar count P, docs/METHODS.md).
+# Sparse method -> its parameter-matched baseline (same trained-scalar count P: the README's table of the methods).
 MATCHED = {"cla": "asym", "rcla": "asym", "c3la": "rac", "rc3la": "rac"}
 # Each chained method and its one-link twin, from the registry (the sparse ones first, as the paper discusses them).
 CHAINS = sorted(((name, m.adapter.twin) for name, m in METHODS.items() if m.adapter is not None and m.adapter.chained),
