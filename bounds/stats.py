@@ -230,21 +230,20 @@ def holm(pvalues):
 def direction_verdict(diff, p_holm, positive=True, alpha=1 - LEVEL):
     """A direction claim (the difference is > 0, or < 0 with positive=False) from its Holm-adjusted two-sided p:
     holds when p_holm < α on the claimed side, fails when p_holm < α on the other, undecided otherwise."""
+    holds, fails, undecided = VERDICTS
     if p_holm is None or p_holm >= alpha:
-        return "undecided"
-    return "holds" if (diff > 0) == positive else "fails"
+        return undecided
+    return holds if (diff > 0) == positive else fails
 
 
 def margin_verdict(p_noninferior_holm, p_equivalent_holm, p_worse_holm, alpha=ALPHA):
     """The verdict of a margin claim from its Holm-adjusted p's: equivalent (TOST), else non-inferior, else worse by
     more than the margin, else undecided."""
-    if p_equivalent_holm is not None and p_equivalent_holm < alpha:
-        return "equivalent"
-    if p_noninferior_holm is not None and p_noninferior_holm < alpha:
-        return "non-inferior"
-    if p_worse_holm is not None and p_worse_holm < alpha:
-        return "worse by more than the margin"
-    return "undecided"
+    # In this order: equivalence implies non-inferiority; worse-by-more-than-δ excludes both.
+    for verdict, p in zip(MARGIN_VERDICTS, (p_equivalent_holm, p_noninferior_holm, p_worse_holm)):
+        if p is not None and p < alpha:
+            return verdict
+    return MARGIN_VERDICTS[-1]
 
 
 # ---- bootstraps -------------------------------------------------------------------------------------------------
