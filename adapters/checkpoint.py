@@ -4,6 +4,7 @@ A LoRA-family update is exactly a LoRA of rank k·r (B_cat = [s·B_1 … s·B_k]
 so it is saved as a stock PEFT LoRA adapter with scaling 1; `fft` and `head` save their trained tensors.
 Our own metadata (method, selectors, seeds, base hash, parameter counts) sits beside it.
 """
+import hashlib
 import json
 import math
 import re
@@ -23,6 +24,9 @@ from .methods import get_method
 FORMAT_VERSION = 1
 META, STATS = "adapters_meta.json", "training_stats.json"
 PEFT_CONFIG, PEFT_WEIGHTS, TRAINED = "adapter_config.json", "adapter_model.safetensors", "trained.safetensors"
+# The files that fix a checkpoint's fine-tuned function on a verified base, whichever the method: a LoRA-family
+# adapter's scaling and weights, fft's and head's trained tensors.
+WEIGHT_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, TRAINED)
 PEFT_PREFIX = "base_model.model."
 weights_hash = models.weights_hash
 
@@ -213,6 +217,36 @@ def _peft_scaling(config, name):
 
 def read_stats(path):
     return _read_json(_check_dir(path) / STATS, "training statistics")
+
+
+def weights_digest(directory):
+    """sha256 over the WEIGHT_FILES a checkpoint directory holds, each by name and content."""
+    h = hashlib.sha256()
+    for name in WEIGHT_FILES:
+        file = Path(directory) / name
+        if file.is_file():
+            h.update(name.encode() + b"\0")
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def weights_changed(path):
+    """Why the checkpoint's weights are not the ones its run finished with (the weights_sha256 that training_stats.json,
+    the run's completion record, holds), in words; None when they are. A run trained before the digest was recorded
+    has none to check: it is trusted, as it was before."""
+    try:
+        stats = read_stats(path)
+    except CheckpointError as e:
+        return str(e)
+    if not isinstance(stats, dict):
+        return f"its {STATS} holds no JSON object"
+    recorded = stats.get("weights_sha256")
+    if recorded is None or recorded == weights_digest(path):
+        return None
+    files = " + ".join(name for name in WEIGHT_FILES if (Path(path) / name).is_file()) or "none left"
+    return f"its weights ({files}) do not match the digest its run recorded (changed, truncated or removed)"
 
 
 def _read_tensors(file):

@@ -51,6 +51,13 @@ def _read_config(parser, path):
         return {}
     if not isinstance(data, dict):
         raise AdapterError(f"config file {path}: expected a mapping of flag: value, got {type(data).__name__}")
+    return config_values(parser, data, f"config file {path}")
+
+
+def config_values(parser, data, where):
+    """{dest: value} of a mapping of flag: value (a config file's, a suite file's study), each key a flag's dest or
+    long option (dashes or underscores) and each value through the flag's type and choices; an unknown key or a
+    wrong value is an AdapterError that starts with `where` and names the key."""
     actions = [a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help", "config")]
     by_dest = {a.dest: a for a in actions}
     by_option = {o[2:].replace("-", "_"): a for a in actions for o in a.option_strings if o.startswith("--")}
@@ -59,16 +66,16 @@ def _read_config(parser, path):
         name = str(key).replace("-", "_")
         action = by_dest.get(name) or by_option.get(name)
         if action is None:
-            raise AdapterError(f"config file {path}: unknown key {key!r} (not a flag of {parser.prog})")
+            raise AdapterError(f"{where}: unknown key {key!r} (not a flag of {parser.prog})")
         if action.dest in values:
-            raise AdapterError(f"config file {path}: key {key!r} sets {action.dest} a second time")
-        values[action.dest] = _config_value(action, key, value, as_flag=name not in by_dest, path=path)
+            raise AdapterError(f"{where}: key {key!r} sets {action.dest} a second time")
+        values[action.dest] = _config_value(action, key, value, as_flag=name not in by_dest, where=where)
     return values
 
 
-def _config_value(action, key, value, *, as_flag, path):
+def _config_value(action, key, value, *, as_flag, where):
     def bad(why):
-        return AdapterError(f"config file {path}: key {key!r}: {why}")
+        return AdapterError(f"{where}: key {key!r}: {why}")
 
     if value is None:
         if action.default is None:

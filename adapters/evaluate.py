@@ -1,4 +1,4 @@
-"""Evaluation of final weights (THEORY.md section 3): eval mode, full splits, the task's own loss.
+"""Evaluation of final weights (docs/THEORY.md section 3): eval mode, full splits, the task's own loss.
 
     python -m adapters.evaluate CKPT [--task T | --data FILE] [--n-train N ...] [--splits train val test]
     python -m adapters.evaluate MODEL [--task T | --data FILE]        # the untrained model: the reference

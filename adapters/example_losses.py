@@ -5,7 +5,6 @@ adapters.train writes EXAMPLE_LOSSES into the checkpoint (each final split's per
 correct) with the digest of the weights and of the data split; `recorded_losses` hands the losses back only when
 both still match, `example_outcomes` one split's losses, units and number correct when the weights still match.
 """
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checkpoint import weights_digest
 from .errors import AdapterError
 
 
@@ -21,21 +21,6 @@ OUTCOMES = ("losses", "units", "correct")  # per split: {split}.losses, {split}.
 # What recorded losses must share with a later evaluation to stand for it: the data's content and how it is split
 # and cut. The weights are compared by weights_digest.
 SAME_SPLIT = ("type", "sha256", "n_train", "n_val", "n_test", "val_fraction", "max_length")
-
-
-def weights_digest(directory):
-    """sha256 over the files of a checkpoint that fix its fine-tuned function on a verified base: the weights
-    (adapter_model.safetensors or trained.safetensors) and the adapter's scaling (adapter_config.json)."""
-    from .checkpoint import PEFT_CONFIG, PEFT_WEIGHTS, TRAINED
-    h = hashlib.sha256()
-    for name in (PEFT_CONFIG, PEFT_WEIGHTS, TRAINED):
-        file = Path(directory) / name
-        if file.is_file():
-            h.update(name.encode() + b"\0")
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
 
 
 def _split_key(spec):

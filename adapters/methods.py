@@ -1,4 +1,4 @@
-"""The method registry: every fine-tuning method of METHODS.md as one small declarative record.
+"""The method registry: every fine-tuning method of docs/METHODS.md as one small declarative record.
 
 A LoRA-family layer computes y = W0 x + Σ_j s·B_j·A_j x (s = α/r). Methods differ only in
   - how A_j is made for link j (`make_a`): a dense random matrix, or a *selector* (column indices),
@@ -67,7 +67,7 @@ def random_window(m, r, link, seed):
     return (window * r + torch.arange(r)) % m
 
 
-# A chained method's default chain length k. METHODS.md leaves k free; 3 is the k the study runs the chained
+# A chained method's default chain length k. docs/METHODS.md leaves k free; 3 is the k the study runs the chained
 # methods with (README, "chain length k = 3 for the chained methods") and the one every example uses.
 CHAIN_LENGTH = 3
 

@@ -30,8 +30,8 @@ def add_task_arguments(parser, defaults=None):
     d = defaults or {}
     of = "" if defaults else " (default: the checkpoint's)"
     g = parser.add_argument_group("data" if defaults else "data (default: the checkpoint's own task)")
-    g.add_argument("--task", default=d.get("task"), help="built-in task: movie-reviews (classification), movie-dialog "
-                   "(causal LM), fashion-mnist (images)" + of)
+    g.add_argument("--task", default=d.get("task"), help="built-in task: movie-reviews, product-reviews, editorials, "
+                   "tweets (sentiment classification), movie-dialog (causal LM), fashion-mnist (images)" + of)
     g.add_argument("--data", dest="data_file", help="your data: CSV/TSV/JSONL with text,label or prompt,completion "
                    "columns (optional split), or an ImageFolder directory"
                    + (" (default: none, the built-in --task)" if defaults else ""))

@@ -490,7 +490,7 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
     bar.close()
     wall = time.perf_counter() - start
 
-    # Final evaluation: eval mode, final weights, full splits (THEORY.md section 3), in the weights' own
+    # Final evaluation: eval mode, final weights, full splits (docs/THEORY.md section 3), in the weights' own
     # precision (fp32): accelerate's autocast wrapper comes off, so this is what a fresh load evaluates to.
     inner = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
     stopped_at, (kept_step, kept_link) = step, _keep_weights(inner, watch, keep, step)
@@ -534,8 +534,14 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             for s in sorted(snapshots):
                 shutil.copy(partial / f"step_{s:08d}.safetensors", directory / f"step_{s:08d}.safetensors")
 
-        files = {checkpoint.STATS: lambda p: write_json(p, stats), CONFIG: lambda p: write_text(
-            p, yaml.safe_dump(config, sort_keys=False))}
+        def write_stats(file):
+            # The completion record says what it completes: the weights, already written beside it (checkpoint.save
+            # writes `files` after them), so a resumed study can check a finished run before it skips it.
+            stats["weights_sha256"] = checkpoint.weights_digest(file.parent)
+            write_json(file, stats)
+
+        files = {checkpoint.STATS: write_stats,
+                 CONFIG: lambda p: write_text(p, yaml.safe_dump(config, sort_keys=False))}
         # The final per-example losses with the digest of the weights they are of, so bounds need not run the model.
         files[example_losses.EXAMPLE_LOSSES] = lambda p: example_losses.write_example_losses(p, evs, task_meta)
         if snapshots:

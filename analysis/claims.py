@@ -132,7 +132,7 @@ def _tau_claims(records, n_boot):
     return out
 
 
-def _decide(found):
+def decide(found):
     """Holm within each family, then each verdict from its adjusted p's."""
     for family in FAMILIES:
         rows = [c for c in found if c["family"] == family]
@@ -157,4 +157,4 @@ def claims(records, n_boot=2000, margin=MARGIN):
     accuracy = [] if metric != "accuracy" else [
         c for m in MATCHED for base in (MATCHED[m], "lora")
         if (c := _accuracy_claim(records, m, base, margin, n_boot)) is not None]
-    return _decide(accuracy + _direction_claims(records) + _tau_claims(records, n_boot))
+    return decide(accuracy + _direction_claims(records) + _tau_claims(records, n_boot))

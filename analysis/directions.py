@@ -1,4 +1,4 @@
-"""Directions in parameter space for loss landscapes (THEORY.md section 5, Li et al. 2018).
+"""Directions in parameter space for loss landscapes (docs/THEORY.md section 5, Li et al. 2018).
 
 A "direction" is a list of float32 tensors, one per perturbed parameter, in the same order and
 shapes as the parameters. Three kinds:

@@ -102,3 +102,22 @@ def plot_spectral(records, matrices, out, formats):
     merged = {"settings": dict(ordered[0]["spectral_settings"]), "checkpoints": checkpoints}
     merged["settings"]["spectrum_matrix"] = spectral._spectrum_matrix(checkpoints)
     return spectral.plot_all(merged, out, formats, sweep_figure=True)
+
+
+def plot_cd_diagram(average_rank, pvalues, alpha, out, formats, title=""):
+    """The critical-difference diagram of a suite: each method at its average rank over the tasks (1 = best, left),
+    a bar joining methods whose pairwise post-hoc p (Holm-adjusted) is ≥ α: those the tasks cannot tell apart.
+    Drawn by scikit-posthocs from our ranks and p's."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import scikit_posthocs as sp
+    style.use()
+    methods = list(average_rank)
+    sig = pd.DataFrame([[1.0 if a == b else pvalues[a][b] for b in methods] for a in methods], index=methods,
+                       columns=methods)
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.3 * len(methods)))
+    sp.critical_difference_diagram({style.label(m): r for m, r in average_rank.items()},
+                                   sig.rename(index=style.label, columns=style.label), alpha=alpha, ax=ax,
+                                   color_palette={style.label(m): style.color(m) for m in methods})
+    ax.set_title(title, fontsize=8)
+    return style.save(fig, out, "cd_diagram", formats)

@@ -1,4 +1,4 @@
-"""Hessian spectrum of the training loss at a checkpoint (THEORY.md section 6).
+"""Hessian spectrum of the training loss at a checkpoint (docs/THEORY.md section 6).
 
     python -m analysis.hessian CKPT [--top-k 5] [--trace] [--density] [--space trainable|effective|all]
         [--parametrization trained|folded] [--matrices T ...] [--examples 256] [--split train|test] [--seed S]

@@ -1,4 +1,4 @@
-"""Matrix-free spectral estimators for a symmetric operator given only v ↦ H v (THEORY.md section 6).
+"""Matrix-free spectral estimators for a symmetric operator given only v ↦ H v (docs/THEORY.md section 6).
 
 Every function takes `matvec` (a flat tensor of length n → a flat tensor of length n) and draws its
 random vectors from a seeded CPU generator, so results do not depend on the device.

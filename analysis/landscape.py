@@ -1,4 +1,4 @@
-"""Loss landscapes around a fine-tuned checkpoint (THEORY.md section 5, Li et al. 2018).
+"""Loss landscapes around a fine-tuned checkpoint (docs/THEORY.md section 5, Li et al. 2018).
 
     python -m analysis.landscape CKPT [--dims 1|2] [--directions random|pca|to:CKPT2]
         [--space trainable|effective|all] [--parametrization trained|folded] [--matrices T ...]

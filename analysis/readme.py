@@ -7,16 +7,22 @@ from adapters.errors import AdapterError
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def readme_parts(path):
-    """(text before the section, text after it) of a README with exactly one results section."""
+def markers(name="results"):
+    """The lines that delimit a generated section: the study's results, or another command's (a suite's)."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def readme_parts(path, name="results"):
+    """(text before the section, text after it) of a README with exactly one section `name`."""
     path = Path(path)
+    begin, end = markers(name)
     if not path.is_file():
         raise AdapterError(f"--readme {path}: no such file")
     text = path.read_text()
-    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
-        raise AdapterError(f"--readme {path}: needs one line {README_BEGIN} and, after it, one line {README_END}")
-    head, rest = text.split(README_BEGIN)
-    return head, rest.split(README_END)[1]
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise AdapterError(f"--readme {path}: needs one line {begin} and, after it, one line {end}")
+    head, rest = text.split(begin)
+    return head, rest.split(end)[1]
 
 
 def readme_section(result, readme):
@@ -30,8 +36,9 @@ def readme_section(result, readme):
             + "\n".join(links) + "\n")
 
 
-def write_readme(readme, section):
-    """Replace the README's results section with `section`."""
+def write_readme(readme, section, name="results"):
+    """Replace the README's section `name` with `section`."""
     from adapters.io import write_text
-    head, tail = readme_parts(readme)
-    write_text(readme, head + README_BEGIN + "\n" + section + README_END + tail)
+    head, tail = readme_parts(readme, name)
+    begin, end = markers(name)
+    write_text(readme, head + begin + "\n" + section + end + tail)

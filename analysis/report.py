@@ -33,7 +33,7 @@ from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.io import write_json, write_text
 from analysis.claims import FAMILIES, MARGIN, claims
 from analysis.figures import plot_consistency, plot_landscapes, plot_outcomes, plot_spectral
-from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE
+from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE, data_label
 from analysis.readme import README_BEGIN, README_END, readme_parts, readme_section, write_readme
 from analysis.records import (DIAGNOSTICS, OUTCOMES, hessian_converged, read_json, collect, compared_matrices,
                               machines, restrict_intruders, study_elapsed)
@@ -72,7 +72,9 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
                     runs_count=len(records), matrices=matrices, min_seeds_for_interval=MIN_SEEDS_FOR_INTERVAL,
                     training_seconds=sum(r["stats"].get("wall_time_s") or 0.0 for r in records),
                     machines=machines(records),
-                    study=study, elapsed_seconds=study_elapsed(runs),
+                    study=study, elapsed_seconds=study_elapsed(runs), model=(study or {}).get("model"),
+                    data=dict(task=(study or {}).get("task"), file=(study or {}).get("data"),
+                              sha256=(study or {}).get("data_sha256"), label=data_label(study or {})),
                     reference=read_json(Path(runs) / REFERENCE_FILE),
                     executor=(selection or {}).get("executor"), select_by=(selection or {}).get("select_by"))
     out = Path(out)
@@ -84,7 +86,7 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
     if readme is not None:
         result["readme_section"] = readme_section(result, readme)
     write_text(out / "report.md", md)
-    write_text(out / "report.tex", latex(table, settings["reference"]))
+    write_text(out / "report.tex", latex(table, settings["reference"], study))
     write_json(out / "report.json", result)
     if readme is not None:
         write_readme(readme, result["readme_section"])
@@ -97,7 +99,7 @@ def main(argv=None):
     p.add_argument("runs")
     p.add_argument("--out", default="figures", help="where the tables and figures go (default: figures)")
     p.add_argument("--loss-clip", type=float, default=4.0,
-                   help="σ = b/2 for the clipped loss min(ℓ, b) in the MI bound (THEORY.md section 1; default 4)")
+                   help="σ = b/2 for the clipped loss min(ℓ, b) in the MI bound (docs/THEORY.md section 1; default 4)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for τ and for the test examples "
                                                                "of a paired difference (default 2000)")
     p.add_argument("--margin", type=float, default=MARGIN, help=f"δ of the accuracy claims (non-inferiority, "

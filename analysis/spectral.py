@@ -1,4 +1,4 @@
-"""Intruder dimensions and singular spectra of fine-tuned checkpoints (THEORY.md section 4).
+"""Intruder dimensions and singular spectra of fine-tuned checkpoints (docs/THEORY.md section 4).
 
 For an adapted matrix W0 = U0 S0 V0ᵀ and W = W0 + ΔW = U S Vᵀ, the j-th top singular vector
 u_j of W (by singular value) has

@@ -28,12 +28,16 @@ RUNS/<method>-lr<lr>-s<seed>/diagnostics/: intruders (spectral), then the landsc
 in the space common to every method (W0 + ΔW of the compared matrices: `landscape`, `hessian`) and in the
 method's own trainable space as it trained it (`landscape_trainable`, `hessian_trainable`). A run already
 complete is skipped, and so is a diagnostic complete with the settings asked for, so an interrupted study
-picks up where it stopped. Training an interrupted run resumes from its last state. The untrained model, evaluated
-on the same task and splits (RUNS/untrained.json, adapters.evaluate), is the report's reference row.
+picks up where it stopped. A complete run is skipped only while its weights match the digest its training_stats.json
+records: one changed or truncated since is said in one line and trained again, its diagnostics with it. Training an
+interrupted run resumes from its last state. The untrained model, evaluated on the same task and splits
+(RUNS/untrained.json, adapters.evaluate), is the report's reference row.
 """
+import shutil
 import sys
 from pathlib import Path
 
+from adapters.data import BUILTIN
 from adapters.errors import AdapterError, ArgumentParser, HelpFormatter, cli
 from adapters.io import write_json
 from adapters.methods import CHAIN_LENGTH, METHODS
@@ -86,7 +90,7 @@ BUDGETS = {
                  landscape=dict(dims=1, grid=3, range=0.5, examples=16),
                  hessian=dict(top_k=1, examples=8, max_iter=40, tol=1e-3)),
 }
-# Default learning-rate grids, by what a method trains (METHODS.md): each centred where that kind of method
+# Default learning-rate grids, by what a method trains (docs/METHODS.md): each centred where that kind of method
 # trains at this budget. B against a fixed A starts from B = 0 and needs about 3-10× LoRA's rate; LoRA+'s lr is
 # lr_A (lr_B = 16·lr_A); the head-only grid is the base lr (the head gets 10×, head_lr_mult). The report flags
 # a choice at either end of its grid. `--lr-grid` gives every method one grid instead.
@@ -176,15 +180,34 @@ def _check_settings(runs, settings):
 
 
 def _train_job(runs, method, lr, seed, common):
-    """One (method, lr, seed) run into its directory; a finished run is skipped, an interrupted one resumes."""
+    """One (method, lr, seed) run into its directory: a finished run whose weights are still those it finished with
+    is skipped, an interrupted one resumes, a finished one whose weights changed since is trained again from scratch.
+    Returns (the run's directory, why it was trained again or None), for the study to say (_said)."""
+    from adapters.checkpoint import STATS, weights_changed
     from adapters.train import train
     out = run_dir(runs, method, seed, lr)
-    if not (out / "training_stats.json").exists():
-        spec = METHODS[method].adapter
-        chained = spec is not None and spec.chained
-        train(method=method, lr=lr, seed=seed, out=out, resume=True, overwrite=True, progress=False,
-              **{**common, "chain_length": common["chain_length"] if chained else 1})
-    return str(out)
+    finished = (out / STATS).exists()
+    redone = weights_changed(out) if finished else None
+    if finished and redone is None:
+        return str(out), None
+    if redone:
+        shutil.rmtree(out / "diagnostics", ignore_errors=True)  # they are of the old weights: computed again
+    spec = METHODS[method].adapter
+    chained = spec is not None and spec.chained
+    # A redo does not resume: a state left beside the finished run is not of the new run's making.
+    train(method=method, lr=lr, seed=seed, out=out, resume=not redone, overwrite=True, progress=False,
+          **{**common, "chain_length": common["chain_length"] if chained else 1})
+    return str(out), redone
+
+
+def _said(result):
+    """A train job's run directory, its redo said in one line here, in the study's own process: a Ray worker's
+    output does not reach the user."""
+    from tqdm.auto import tqdm
+    run, redone = result
+    if redone:
+        tqdm.write(f"{run}: {redone}; trained it again", file=sys.stderr)
+    return run
 
 
 def _reference_job(runs, common, seed):
@@ -310,7 +333,7 @@ def search(pool, runs, methods, grids, seed, common, select_by, max_extensions=M
 def _data_limits(task, data_file, train_kwargs):
     """The budget's n_train/n_val/n_test as upper limits: what the data has, where it has fewer. Reads the data once
     (a data problem stops the study here, before Ray starts) and says once what the study uses. Returns the limited
-    settings and the task's type."""
+    settings and the task (adapters.data.Task, whole)."""
     from adapters import data
     fraction = train_kwargs.get("val_fraction", data.VAL_FRACTION)
     whole = data.load_task(task, data_file, val_fraction=fraction)
@@ -321,7 +344,7 @@ def _data_limits(task, data_file, train_kwargs):
               "the study uses " + " / ".join(str(limited[k] or has[k]) for k in has)
               + " (the budget's " + " / ".join(str(train_kwargs.get(k)) for k in has) + " are upper limits)",
               file=sys.stderr)
-    return {**train_kwargs, **limited}, whole.type
+    return {**train_kwargs, **limited}, whole
 
 
 def _check_runs(methods, grids, seeds, common, runs, task_type):
@@ -344,98 +367,168 @@ def _kind(fn, args):
         return f"train:{args[1]}"
     if fn is _diagnose_job:
         return f"diagnose:{args[1]}"
-    return "reference"
+    return fn.__name__.strip("_").removesuffix("_job")  # the reference; a suite's study report
 
 
-def sweep(runs="runs", methods=DEFAULT_METHODS, seeds=None, select_seed=None, budget="default", model="minilm",
-          task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=CHAIN_LENGTH,
-          diagnostics=tuple(DIAGNOSE), lr_grid=None, select_by="val_metric", head_lr_mult=None,
-          max_extensions=MAX_EXTENSIONS, executor="ray", address=None, cpus_per_run=1, gpus_per_run=0, progress=True,
-          **overrides):
+class Study:
+    """One study, prepared: every argument and data problem is found here, before Ray starts; then its jobs in a
+    queue it may share with other studies (analysis.suite): `jobs()` the first ones, `then()` the follow-ups of each
+    finished one, `owns()` which jobs are its own, and `finish()` what it records once its last job is done.
+
+    `settings` is what runs/study.json records (a runs directory holds one study); `data` names what it is computed
+    on (describe_data)."""
+
+    def __init__(self, runs="runs", methods=DEFAULT_METHODS, seeds=None, select_seed=None, budget="default",
+                 model="minilm", task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=CHAIN_LENGTH,
+                 diagnostics=tuple(DIAGNOSE), lr_grid=None, select_by="val_metric", head_lr_mult=None,
+                 max_extensions=MAX_EXTENSIONS, **overrides):
+        if budget not in BUDGETS:
+            raise AdapterError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
+        methods = expand_methods(methods)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise AdapterError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} or a set "
+                               f"({', '.join(METHOD_SETS)})")
+        if lr_grid is not None and (not lr_grid or any(not lr > 0 for lr in lr_grid)):
+            raise AdapterError(f"--lr-grid needs positive learning rates, got {lr_grid}")
+        if select_by not in SELECT_BY:
+            raise AdapterError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+        unknown = [d for d in diagnostics if d not in DIAGNOSE]
+        if unknown:
+            raise AdapterError(f"unknown diagnostic(s) {', '.join(unknown)}; choose from {', '.join(DIAGNOSE)}")
+        b = BUDGETS[budget]
+        seeds = list(b["seeds"] if seeds is None else seeds)
+        select_seed = b["select_seed"] if select_seed is None else select_seed
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise AdapterError(f"--seeds must be distinct seeds, got {seeds}")
+        if select_seed in seeds:
+            raise AdapterError(f"--select-seed {select_seed} is one of --seeds: the runs that chose the lr would be "
+                               "tested, their scores carrying the selection's optimism; pick seeds apart from it")
+        if not (isinstance(max_extensions, int) and max_extensions >= 0):
+            raise AdapterError(f"max_extensions must be an integer >= 0, got {max_extensions!r}")
+        grids = {m: sorted(set(lr_grid or LR_GRIDS[trains(m)])) for m in methods}
+        train_kwargs = {**b["train"], **{k: v for k, v in overrides.items() if v is not None}}
+        if overrides.get("max_steps") is not None:
+            train_kwargs.pop("epochs", None)  # --max-steps is the cap instead of the budget's epochs
+        train_kwargs, whole = _data_limits(task, data_file, train_kwargs)
+        self.data = describe_data(whole, data_file)
+        common = dict(model=model, task=task, data_file=data_file, rank=rank, alpha=alpha, chain_length=chain_length,
+                      head_lr_mult=head_lr_mult, **train_kwargs)
+        # `task` is the name the data is reported under (a file's own name unless --task names it), `data` the file
+        # and its sha256 (None for a built-in task), so a report never labels a user's table as the default task.
+        self.settings = dict(model=model, task=whole.name, data=self.data["file"], data_sha256=self.data["sha256"],
+                             rank=rank, alpha=alpha, chain_length=chain_length, budget=budget, train=train_kwargs,
+                             lr_grids=grids, select_by=select_by, select_seed=select_seed, head_lr_mult=head_lr_mult,
+                             lr_search=dict(max_extensions_per_side=max_extensions, lr_bounds=list(LR_BOUNDS)))
+        _check_runs(methods, grids, [select_seed, *seeds], common, runs, whole.type)
+        self.runs_arg = runs
+        self.runs = str(Path(runs).resolve())  # jobs may run in other processes, other working directories
+        self.methods, self.grids, self.seeds, self.select_seed = methods, grids, seeds, select_seed
+        self.common, self.budget, self.diagnostics = common, budget, tuple(diagnostics)
+        final = lambda m, lr: [(SEED, _train_job, (self.runs, m, lr, s, common)) for s in seeds]  # noqa: E731
+        self.search = Search(self.runs, methods, grids, select_seed, common, select_by, max_extensions, final=final)
+
+    def begin(self, plan):
+        """Record the settings (refusing a runs directory that holds another study) and add every job this study
+        will run, known now, to `plan` (an extension adds its own later). Returns the first jobs."""
+        _check_settings(self.runs_arg, self.settings)
+        plan.add("reference")
+        for m in self.methods:
+            plan.add(f"train:{m}", len(self.grids[m]) + len(self.seeds))
+            for which in self.diagnostics:
+                plan.add(f"diagnose:{which}", len(self.seeds))
+        self.plan = plan
+        return self.search.jobs() + [(DIAGNOSTIC, _reference_job, (self.runs, self.common, self.seeds[0]))]
+
+    def owns(self, fn, args):
+        """Whether a job is this study's: every job's first argument is a path inside its runs directory."""
+        path = str(args[0])
+        return path == self.runs or path.startswith(self.runs + "/")
+
+    def then(self, fn, args, result):
+        """A finished final run: its diagnostics; anything else: the lr search's follow-ups."""
+        if fn is _train_job:
+            result = _said(result)
+        if fn is _train_job and args[3] != self.select_seed:
+            return [(DIAGNOSTIC, _diagnose_job, (result, which, self.budget)) for which in self.diagnostics]
+        more = self.search.then(fn, args, result)
+        for _, job, job_args in more:
+            if job is _train_job and job_args[3] == self.select_seed:
+                self.plan.add(f"train:{job_args[1]}")  # an extension of the grid: not in the plan yet
+        return more
+
+    def finish(self, executor_settings):
+        """Once every job is done: RUNS/lr_selection.json. Returns {method: [final run dirs]}."""
+        selection = self.search.result()
+        final = {m: [str(run_dir(self.runs, m, s, selection[m]["lr"])) for s in self.seeds] for m in self.methods}
+        names = {m: [Path(run).name for run in final[m]] for m in self.methods}  # relative: the directory may move
+        write_json(Path(self.runs) / SELECTION_FILE,
+                   dict(select_seed=self.select_seed, seeds=self.seeds, select_by=self.settings["select_by"],
+                        executor=executor_settings,
+                        methods={m: dict(selection[m], runs=names[m]) for m in self.methods}))
+        return final
+
+
+def describe_data(task, data_file=None):
+    """What a study is computed on: {"task": the name it is reported under, "file": the data file's name (None for
+    a built-in task), "sha256": the file's (None for a built-in task, which adapters.data checks against its own)}.
+    `task` is adapters.data's Task; analysis.layout.data_label says it in one line."""
+    if data_file is None:
+        return dict(task=task.name, file=None, sha256=None)
+    return dict(task=task.name, file=Path(data_file).name, sha256=task.sha256)
+
+
+def stream(pool, studies, progress=True, desc="study: runs and diagnostics", finished=None):
+    """Every study's jobs in one queue on `pool`, no barrier between studies: each job starts as soon as what it
+    needs is done. When a study's last job is done, `finished(study)` is called once; the jobs it returns join the
+    queue (a report). Every study must be prepared (Study) before this starts."""
+    from analysis.executor import Plan
+    plan = Plan({}, kinds=_kind)
+    outstanding, done = {}, set()
+    jobs = []
+    for i, study in enumerate(studies):
+        first = study.begin(plan)
+        outstanding[i] = len(first)
+        jobs += first
+
+    def owner(fn, args):
+        return next(i for i, study in enumerate(studies) if study.owns(fn, args))
+
+    def then(fn, args, result):
+        i = owner(fn, args)
+        more = list(studies[i].then(fn, args, result)) if i not in done else []
+        outstanding[i] += len(more) - 1
+        if outstanding[i] == 0 and i not in done:
+            done.add(i)
+            extra = list(finished(studies[i]) if finished is not None else [])
+            outstanding[i] += len(extra)
+            more += extra
+        return more
+
+    pool.stream(jobs, then, desc=desc, progress=progress, plan=plan)
+
+
+def sweep(runs="runs", methods=DEFAULT_METHODS, executor="ray", address=None, cpus_per_run=1, gpus_per_run=0,
+          progress=True, **study):
     """Select each method's lr on validation at `select_seed` (extending a grid whose choice is at an edge), train
     every one of `seeds` at it, compute their diagnostics; skip what is complete. The selection seed's runs are never
     among the final runs: their validation score chose the lr, so their test score would carry that optimism. Every
-    argument and data problem is found before Ray starts. Returns {method: [final run dirs]} (also in
+    argument and data problem is found before Ray starts (Study). Returns {method: [final run dirs]} (also in
     RUNS/lr_selection.json with the selection)."""
-    from analysis.executor import Plan, make_executor
-    if budget not in BUDGETS:
-        raise AdapterError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
-    methods = expand_methods(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise AdapterError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} or a set "
-                           f"({', '.join(METHOD_SETS)})")
-    if lr_grid is not None and (not lr_grid or any(not lr > 0 for lr in lr_grid)):
-        raise AdapterError(f"--lr-grid needs positive learning rates, got {lr_grid}")
-    if select_by not in SELECT_BY:
-        raise AdapterError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
-    b = BUDGETS[budget]
-    seeds = list(b["seeds"] if seeds is None else seeds)
-    select_seed = b["select_seed"] if select_seed is None else select_seed
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise AdapterError(f"--seeds must be distinct seeds, got {seeds}")
-    if select_seed in seeds:
-        raise AdapterError(f"--select-seed {select_seed} is one of --seeds: the runs that chose the lr would be "
-                           "tested, their scores carrying the selection's optimism; pick seeds apart from it")
-    grids = {m: sorted(set(lr_grid or LR_GRIDS[trains(m)])) for m in methods}
-    if not (isinstance(max_extensions, int) and max_extensions >= 0):
-        raise AdapterError(f"max_extensions must be an integer >= 0, got {max_extensions!r}")
-    train_kwargs = {**b["train"], **{k: v for k, v in overrides.items() if v is not None}}
-    if "max_steps" in overrides and overrides["max_steps"] is not None:
-        train_kwargs.pop("epochs", None)  # --max-steps is the cap instead of the budget's epochs
-    train_kwargs, task_type = _data_limits(task, data_file, train_kwargs)
-    common = dict(model=model, task=task, data_file=data_file, rank=rank, alpha=alpha, chain_length=chain_length,
-                  head_lr_mult=head_lr_mult, **train_kwargs)
-    settings = dict(model=model, task=task, data=str(data_file) if data_file else None, rank=rank, alpha=alpha,
-                    chain_length=chain_length, budget=budget, train=train_kwargs, lr_grids=grids,
-                    select_by=select_by, select_seed=select_seed, head_lr_mult=head_lr_mult,
-                    lr_search=dict(max_extensions_per_side=max_extensions, lr_bounds=list(LR_BOUNDS)))
-    _check_runs(methods, grids, [select_seed, *seeds], common, runs, task_type)
-    _check_settings(runs, settings)
-    runs = str(Path(runs).resolve())  # jobs may run in other processes, other working directories
-
+    from analysis.executor import make_executor
+    prepared = Study(runs=runs, methods=methods, **study)
     pool = make_executor(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
-    # Every job the study will run, known now (an extension adds its own), for the progress bar and its ETA.
-    plan = Plan({"reference": 1}, kinds=_kind)
-    for m in methods:
-        plan.add(f"train:{m}", len(grids[m]) + len(seeds))
-        for which in diagnostics:
-            plan.add(f"diagnose:{which}", len(seeds))
-
-    def diagnostics_of(run):
-        return [(DIAGNOSTIC, _diagnose_job, (str(run), which, budget)) for which in diagnostics]
-
-    def final_runs(m, lr):  # a method's choice is final: its runs at every final seed
-        return [(SEED, _train_job, (runs, m, lr, s, common)) for s in seeds]
-
-    lr_search = Search(runs, methods, grids, select_seed, common, select_by, max_extensions, final=final_runs)
-
-    def then(fn, args, result):  # a finished final run: its diagnostics; anything else: the search's follow-ups
-        if fn is _train_job and args[3] != select_seed:
-            return diagnostics_of(result)
-        more = lr_search.then(fn, args, result)
-        for _, job, job_args in more:
-            if job is _train_job and job_args[3] == select_seed:
-                plan.add(f"train:{job_args[1]}")  # an extension of the grid: not in the plan yet
-        return more
-
     try:
-        pool.stream(lr_search.jobs() + [(DIAGNOSTIC, _reference_job, (runs, common, seeds[0]))], then,
-                    desc="study: runs and diagnostics", progress=progress, plan=plan)
+        stream(pool, [prepared], progress=progress)
         executor_settings = pool.settings()
     finally:
         pool.close()
-    selection = lr_search.result()
-    final = {m: [str(run_dir(runs, m, s, selection[m]["lr"])) for s in seeds] for m in methods}
-    names = {m: [Path(run).name for run in final[m]] for m in methods}  # relative: the directory may move
-    write_json(Path(runs) / SELECTION_FILE, dict(select_seed=select_seed, seeds=seeds, select_by=select_by,
-                                                 executor=executor_settings,
-                                                 methods={m: dict(selection[m], runs=names[m]) for m in methods}))
-    return final
+    return prepared.finish(executor_settings)
 
 
 # What sweep() applies to an argument not given: the CLI's defaults are these (read once, from the function itself).
-SWEEP_DEFAULTS = {name: p.default for name, p in __import__("inspect").signature(sweep).parameters.items()}
+SWEEP_DEFAULTS = {name: p.default for f in (Study.__init__, sweep)
+                  for name, p in __import__("inspect").signature(f).parameters.items() if p.default is not p.empty}
 
 
 def _budget_default(key, where="train"):
@@ -463,7 +556,8 @@ def _parser():
     p.add_argument("--budget", default=d["budget"], choices=list(BUDGETS), help="sizes and steps of the runs and "
                    "diagnostics")
     p.add_argument("--model", default=d["model"], help="offline model name, transformers directory or hub id")
-    p.add_argument("--task", default=d["task"], help="movie-reviews, movie-dialog or fashion-mnist")
+    p.add_argument("--task", default=d["task"], help="a built-in task: " + ", ".join(BUILTIN)
+                   + " (with --data: the name your data is reported under; default: the file's name)")
     p.add_argument("--data", dest="data_file", help="your data (see python -m adapters.train --help; default: none)")
     p.add_argument("--rank", type=int, default=d["rank"], help="rank r of each link")
     p.add_argument("--alpha", type=float, default=d["alpha"], help="scale s = alpha / r")

@@ -123,6 +123,7 @@ def summary(records, matrices, selection=None):
                 for t in sorted(types)})
         row["trained_parameters"] = runs[0]["bounds"]["trained_parameters"]
         row["metric"] = runs[0]["stats"].get("metric", "accuracy")  # the task's: accuracy, or an LM's perplexity
+        row["higher_is_better"] = runs[0]["stats"].get("metric_higher_is_better", True)  # perplexity: lower
         row["vacuous"] = any(r["bounds"]["vacuous"] for r in runs)
         row["seeds"] = sorted(r["seed"] for r in runs)
         lrs = sorted({r["lr"] for r in runs if r["lr"] is not None})

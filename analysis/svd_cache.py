@@ -21,7 +21,6 @@ sees half an entry. On load an entry is also checked against the W0 it is asked 
 """
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from adapters.io import atomic_file
 from adapters.weights import content_hash  # noqa: F401  (the key; re-exported for callers of this module)
 
 SIDES = ("left", "right")
@@ -127,12 +127,5 @@ def base_svd(W0, base_hash, name, side="left", cache_dir=None, dtype="float64"):
 
 
 def _store(path, vecs_t, S, metadata):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"vectors_t": vecs_t, "singular_values": S}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({"vectors_t": vecs_t, "singular_values": S}, str(tmp), metadata=metadata)

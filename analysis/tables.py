@@ -1,5 +1,6 @@
 """The report's tables: Markdown (the report and the README's results section) and LaTeX (booktabs)."""
 from analysis import style
+from analysis.layout import data_label
 from bounds.report import ties_note
 from bounds.tables import VACUOUS
 from adapters.methods import METHODS
@@ -13,12 +14,15 @@ def _signed(x):
 
 
 def p_text(p):
-    """A p-value with its digits: 0.997, not 1; '< 0.001' and '> 0.999' at the ends; n/a when there is none."""
+    """A p-value with its digits: 0.997, not 1; '< 0.001' and '> 0.999' at the ends; n/a when there is none. Never
+    rounded onto the 0.05 line it is compared with: 0.0498 stays 0.0498, 0.0502 stays 0.0502."""
     if p is None:
         return "n/a"
     if p < 0.001:
         return "< 0.001"
-    return "> 0.999" if p > 0.999 else f"{p:.3f}"
+    if p > 0.999:
+        return "> 0.999"
+    return f"{p:.3f}" if f"{p:.3f}" != "0.050" else f"{p:.4f}"
 
 
 def _ci(ci):
@@ -240,7 +244,7 @@ def _study_line(study, elapsed=None, executor=None, machines=()):
     seeds = (f" Each method's lr chosen on validation at seed {study['select_seed']}, whose runs are never tested; "
              f"the final runs, tested and compared, are seeds {', '.join(map(str, seeds_of))}."
              if study.get("select_seed") is not None and (seeds_of := study.get("seeds")) else "")
-    return [f"Study (runs/study.json): model {study.get('model')}, task {study.get('task')}, r = {study.get('rank')}, "
+    return [f"Study (runs/study.json): model {study.get('model')}, {data_label(study)}, r = {study.get('rank')}, "
             f"α = {study.get('alpha')}, chain length k = {study.get('chain_length')} for the chained methods, "
             f"budget {study.get('budget')}: {train}.{seeds}{where}", ""]
 
@@ -320,11 +324,19 @@ def _tex(s):
             .replace(VACUOUS, r"$^\ddagger$").replace(NOT_CONVERGED, r"$^\dagger$").replace("W0+ΔW", r"$W_0+\Delta W$"))
 
 
-def latex(table, reference=None):
-    """A booktabs table, methods grouped as full FT / LoRA family / sparse variants; the untrained model's row
-    (`reference`, adapters.evaluate's result) under them."""
+def caption(study):
+    """What a table was computed on, for its LaTeX caption: the model and the data (analysis.layout.data_label)."""
+    return _tex(f"model {study.get('model')}, {data_label(study)}") if study else ""
+
+
+def latex(table, reference=None, study=None):
+    """A booktabs table in a table environment whose caption names the model and the data (`study`: its settings),
+    methods grouped as full FT / LoRA family / sparse variants; the untrained model's row (`reference`,
+    adapters.evaluate's result) under them."""
     cols = "l" + "r" * (len(COLUMNS) + 2)
-    lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
+    lines = [r"\begin{table}", r"\centering",
+             r"\caption{Test metric, empirical gap and diagnostics per method (" + caption(study) + ")}",
+             r"\begin{tabular}{" + cols + "}", r"\toprule",
              "Method & $n$ & Trained & " + " & ".join(_tex(c) for _, c in _columns(table, COLUMNS)) + r" \\",
              r"\midrule"]
     for group, methods in style.METHOD_GROUPS.items():
@@ -339,7 +351,7 @@ def latex(table, reference=None):
     cells = _reference_cells(reference)
     if cells is not None:
         lines += [r"\midrule", f"{REFERENCE_LABEL.capitalize()} & -- & 0 & " + " & ".join(cells) + r" \\"]
-    lines += [r"\bottomrule", r"\end{tabular}", "",
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", "",
               r"% mean $\pm$ sample standard deviation over $n$ seeds; $^\ddagger$ vacuous bound; "
               r"$^\dagger$ Lanczos not converged"]
     return "\n".join(lines) + "\n"

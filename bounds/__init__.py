@@ -1,5 +1,5 @@
 """bounds, the floor above adapters/: the information-theoretic generalization-error bounds of a checkpoint (the
-MI bound, Theorem 1 in O(L)) from its weights and training statistics (THEORY.md §1–2), and the statistics the
+MI bound, Theorem 1 in O(L)) from its weights and training statistics (docs/THEORY.md §1–2), and the statistics the
 floors share (bounds.stats); it reads checkpoints through adapters/ and never imports analysis/.
 
 Stable API: mi_bound, theorem1, lowrank_spectral_norm, formula_parameters.

@@ -1,4 +1,4 @@
-"""Mutual-information generalization bound and the trained-scalar counts that feed it (THEORY.md §1).
+"""Mutual-information generalization bound and the trained-scalar counts that feed it (docs/THEORY.md §1).
 
 If the loss is σ-sub-Gaussian, |E G| ≤ sqrt(2 σ² I(S; W) / |N|) (Xu & Raginsky, 2017), and
 I(S; W) ≤ H(trained scalars) ≤ P · q · ln 2 nats for P scalars stored in q bits each, so
@@ -46,7 +46,7 @@ def is_vacuous(bound, loss_max, loss_min=0.0):
 
 
 def formula_parameters(method, rank, chain_length, layers):
-    """Adapter scalars by METHODS.md "Trainable-parameter counts"; layers = [(m_i, n_i)] (in, out).
+    """Adapter scalars by docs/METHODS.md "Trainable-parameter counts"; layers = [(m_i, n_i)] (in, out).
 
     lora, lora_plus: r(m+n); asym, cla, rcla, paca, dpaca: r·n; cola: k·r(m+n);
     rac, c3la, rc3la: k·r·n; fft: m·n per adapted matrix (weights only, biases/norms/head are

@@ -1,7 +1,7 @@
 """Bounds for checkpoints: one row per checkpoint and the comparison across them (their tables: bounds.tables).
 
-A row holds the MI bound (THEORY.md §1) from the trained-scalar count P of the checkpoint, its
-cross-check against the METHODS.md formula, Theorem 1's Φ_ΔW and Φ_W0 from the spectral norms of
+A row holds the MI bound (docs/THEORY.md §1) from the trained-scalar count P of the checkpoint, its
+cross-check against the docs/METHODS.md formula, Theorem 1's Φ_ΔW and Φ_W0 from the spectral norms of
 W0 and ΔW (§2), the paper's form Φ_W0 + sqrt(...), and the empirical gap from training_stats.json (or
 measured on the data --task / --data name).
 """
@@ -22,7 +22,7 @@ TRANSFORMER_NOTE = ("Theorem 1 treats the adapted linear maps, in forward order,
                     "for transformers, exact only for plain MLPs")
 
 
-# -- σ: where the sub-Gaussian constant comes from (THEORY.md §1) ---------------------------------
+# -- σ: where the sub-Gaussian constant comes from (docs/THEORY.md §1) ---------------------------------
 
 # Which per-example loss maxima of training_stats.json each --sigma-from reads. The default reads the training
 # split alone: a bound's constant must not be fitted on the test data it is then compared with.

@@ -1,4 +1,4 @@
-"""Spectral norms and top singular triplets without an m×n SVD (THEORY.md §2, §4).
+"""Spectral norms and top singular triplets without an m×n SVD (docs/THEORY.md §2, §4).
 
 Low-rank update ΔW = B A: with B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), B A = Q_B (R_B R_Aᵀ) Q_Aᵀ and
 Q_B, Q_A have orthonormal columns, so ‖B A‖₂ = ‖R_B R_Aᵀ‖₂: an r×r problem, O((m+n) r²).

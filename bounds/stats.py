@@ -272,3 +272,55 @@ def two_level_bootstrap(sizes, statistic, n_resamples=2000, level=LEVEL, seed=0)
     tails = [(np.sum(values <= 0) + 1) / (n_resamples + 1), (np.sum(values >= 0) + 1) / (n_resamples + 1)]
     p = min(1.0, 2 * min(tails))
     return dict(interval=[float(lo), float(hi)], p=float(p), n_resamples=n_resamples, undefined=undefined)
+
+
+# ---- methods ranked across tasks ---------------------------------------------------------------------------------
+# A suite's table: scores tasks × methods, each task's row oriented so that higher is better (a perplexity negated).
+# Ranks, Friedman's test and the pairwise post-hoc over the tasks every method completed, as benchmark papers rank
+# methods across data sets.
+
+def ranks(scores):
+    """Each method's rank in each task (rows), 1 = best, methods that tie sharing the mean of the ranks they span
+    (scipy.stats.rankdata, method "average"). `scores`: tasks × methods, higher is better."""
+    from scipy import stats
+    return np.vstack([stats.rankdata(-np.asarray(row, dtype=float), method="average") for row in np.atleast_2d(scores)])
+
+
+def friedman(scores):
+    """Friedman's test that every method ranks alike over the tasks (scipy.stats.friedmanchisquare: tasks are the
+    blocks, ties corrected): {statistic, p, tasks, methods}; None with fewer than 3 methods or 2 tasks. When every
+    task ties every method the statistic is undefined (0/0): no evidence of a difference, statistic 0 and p 1."""
+    from scipy import stats
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    n, k = scores.shape
+    if k < 3 or n < 2:
+        return None
+    if all(len(set(row)) == 1 for row in scores.tolist()):
+        return dict(statistic=0.0, p=1.0, tasks=n, methods=k)
+    res = stats.friedmanchisquare(*scores.T)
+    return dict(statistic=float(res.statistic), p=float(res.pvalue), tasks=n, methods=k)
+
+
+POSTHOC_NAME = "Wilcoxon signed-rank, Holm"
+POSTHOC = ("the Wilcoxon signed-rank test of each pair of methods over the tasks (scikit-posthocs' posthoc_wilcoxon, "
+           "zero differences split), Holm within the pairs: a pair's verdict rests on the two methods' own paired "
+           "differences, task by task, and not on the mean ranks of whichever other methods the suite includes, "
+           "as the Nemenyi test's does")
+
+
+def posthoc(scores, methods):
+    """Pairwise comparisons after a Friedman test (POSTHOC says which and why): {"p": {a: {b: Holm-adjusted p}},
+    "min_p": the smallest two-sided p one pair can reach with this many tasks (an exact Wilcoxon test can go no lower
+    than 2 / 2^n, before Holm), "method"}; None with fewer than 2 methods or 2 tasks."""
+    import pandas as pd
+    import scikit_posthocs as sp
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    n, k = scores.shape
+    if k < 2 or n < 2:
+        return None
+    long = pd.DataFrame({"score": scores.T.ravel(), "method": np.repeat(methods, n)})
+    with warnings.catch_warnings():  # an exact p is not available with zero differences: scipy says so each time
+        warnings.simplefilter("ignore")
+        table = sp.posthoc_wilcoxon(long, val_col="score", group_col="method", zero_method="zsplit", p_adjust="holm")
+    p = {a: {b: float(table.loc[a, b]) for b in methods if b != a} for a in methods}
+    return dict(p=p, min_p=2 / 2 ** n, method=POSTHOC_NAME)

@@ -79,7 +79,7 @@ def _notes(rows, comparison):
                          "trained tensor (biases, norms, embeddings, head).")
         if r["formula_match"] is False:
             notes.append(f"{r['path']}: WARNING counted adapter scalars {r['adapter_parameters']:,} differ from "
-                         f"the METHODS.md formula {r['formula_adapter_parameters']:,}.")
+                         f"the docs/METHODS.md formula {r['formula_adapter_parameters']:,}.")
     if any(r.get("theorem1") for r in rows):
         notes.append(TRANSFORMER_NOTE + ".")
     if any(r["sigma_heuristic"] for r in rows):

@@ -1,4 +1,4 @@
-"""Theorem 1 (composition bound) in closed form, O(L), in log space (THEORY.md §2).
+"""Theorem 1 (composition bound) in closed form, O(L), in log space (docs/THEORY.md §2).
 
 Network f(x) = σ_L(W^L ⋯ σ_1(W^1 x)), ‖x‖ ≤ C, loss L_ℓ-Lipschitz. With a_l = ‖W0^l‖₂,
 b_l = ‖ΔW^l‖₂, λ_l = Lip(σ_l), s_l = ‖σ_l(0)‖, and products over all layers (Λ, T = Π(a+b),

@@ -1,4 +1,4 @@
-"""The methods of METHODS.md, proven from outputs, gradients and weights."""
+"""The methods of docs/METHODS.md, proven from outputs, gradients and weights."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,7 +299,7 @@ def test_rcla_selectors_distinct_seeded_and_different_across_seeds():
 
 # -- counts -----------------------------------------------------------------------------------------
 
-FORMULA = {  # METHODS.md, per adapted layer (m, n), rank r, chain length k
+FORMULA = {  # docs/METHODS.md, per adapted layer (m, n), rank r, chain length k
     "lora": lambda m, n, r, k: r * (m + n), "lora_plus": lambda m, n, r, k: r * (m + n),
     "asym": lambda m, n, r, k: r * n, "cla": lambda m, n, r, k: r * n, "rcla": lambda m, n, r, k: r * n,
     "paca": lambda m, n, r, k: r * n, "dpaca": lambda m, n, r, k: r * n,

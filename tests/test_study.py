@@ -2,12 +2,16 @@
 import functools
 import json
 import os
+import shutil
+import stat
 
 import numpy as np
 import pytest
 from scipy.stats import kendalltau
 
 import adapters
+import adapters.checkpoint
+import adapters.io
 from adapters import models
 from analysis import readme as readme_, records as records_, report, spectral, study, summary, tables
 from bounds.stats import kendall_tau
@@ -18,34 +22,101 @@ def tiny_model(tmp_path_factory):
     return str(models.tiny_model_dir(tmp_path_factory.mktemp("model") / "bert", "bert"))
 
 
-def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, monkeypatch):
+def _record_training(monkeypatch, interrupt=()):
+    """[(method, seed)] of every run adapters.train is asked to train from now on; a method in `interrupt` is
+    interrupted as it starts (the machine went away in the middle of the sweep), the others trained."""
     import adapters.train
-    real_train = adapters.train.train
+    real_train, trained = adapters.train.train, []
 
     @functools.wraps(real_train)  # the same signature: the study checks runs' arguments against train()'s
-    def crashing(**kw):
-        if kw["method"] == "cla":
-            raise KeyboardInterrupt  # the machine went away in the middle of the sweep
+    def recorded(**kw):
+        trained.append((kw["method"], kw["seed"]))
+        if kw["method"] in interrupt:
+            raise KeyboardInterrupt
         return real_train(**kw)
+    monkeypatch.setattr(adapters.train, "train", recorded)
+    return trained
+
+
+def test_interrupted_sweep_resumes_without_redoing_runs(tmp_path, tiny_model, monkeypatch):
     runs = tmp_path / "runs"
     kwargs = dict(runs=runs, methods=["lora", "cla"], budget="tiny", model=tiny_model, diagnostics=(),
                   lr_grid=[1e-2], executor="serial", progress=False)
-    monkeypatch.setattr(adapters.train, "train", crashing)
+    _record_training(monkeypatch, interrupt=("cla",))
     with pytest.raises(KeyboardInterrupt):
         study.sweep(**kwargs)
     done = runs / "lora-lr0.01-s0" / "training_stats.json"
     assert done.exists() and not (runs / "cla-lr0.01-s0").exists()
     before = done.stat().st_mtime_ns
 
-    trained = []
-    monkeypatch.setattr(adapters.train, "train", functools.wraps(real_train)(
-        lambda **kw: trained.append((kw["method"], kw["seed"])) or real_train(**kw)))
+    monkeypatch.undo()  # the real training again
+    trained = _record_training(monkeypatch)
     study.sweep(**kwargs)
     # lora's selection run is not redone; cla's is, then both final runs (seed 1: the tiny budget's)
     assert sorted(trained) == [("cla", 0), ("cla", 1), ("lora", 1)] and done.stat().st_mtime_ns == before
     assert (runs / "cla-lr0.01-s0" / "training_stats.json").exists()
     with pytest.raises(adapters.AdapterError, match="other settings"):
         study.sweep(**{**kwargs, "rank": 8})
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, tiny_model):
+    """A tiny study of one method and one final seed, done: (its sweep's arguments, its final run)."""
+    runs = tmp_path_factory.mktemp("finished") / "runs"
+    kwargs = dict(runs=runs, methods=["lora"], budget="tiny", model=tiny_model, diagnostics=(), lr_grid=[1e-2],
+                  executor="serial", progress=False)
+    study.sweep(**kwargs)
+    return kwargs, runs.resolve() / "lora-lr0.01-s1"
+
+
+def test_a_finished_run_that_still_matches_its_record_is_not_trained_again(finished_study, monkeypatch, capsys):
+    kwargs, run = finished_study
+    stats = json.loads((run / "training_stats.json").read_text())
+    assert stats["weights_sha256"] == adapters.checkpoint.weights_digest(run)  # the completion record's digest
+    trained = _record_training(monkeypatch)
+    study.sweep(**kwargs)
+    assert trained == [] and "trained it again" not in capsys.readouterr().err
+
+
+def test_a_finished_run_whose_weights_changed_is_said_and_trained_again(finished_study, monkeypatch, capsys):
+    kwargs, run = finished_study
+    weights = run / "adapter_model.safetensors"
+    original, digest = weights.read_bytes(), json.loads((run / "training_stats.json").read_text())["weights_sha256"]
+    weights.write_bytes(original[:100])  # truncated, as a full disk or a killed copy leaves it
+    (run / "diagnostics" / "spectral").mkdir(parents=True)
+    (run / "diagnostics" / "spectral" / "spectral.json").write_text("{}")  # of the old weights
+    _record_training(monkeypatch, interrupt=("lora",))
+    with pytest.raises(KeyboardInterrupt):  # the redo, interrupted: its stale diagnostics are gone already
+        study.sweep(**kwargs)
+    assert not (run / "diagnostics").exists() and weights.read_bytes() == original[:100]
+    monkeypatch.undo()
+    trained = _record_training(monkeypatch)
+    capsys.readouterr()
+    study.sweep(**kwargs)
+    said = [line for line in capsys.readouterr().err.splitlines() if "trained it again" in line]
+    assert trained == [("lora", 1)] and said == [
+        f"{run}: its weights (adapter_config.json + adapter_model.safetensors) do not match the digest its run "
+        "recorded (changed, truncated or removed); trained it again"]
+    # the same seed on CPU: the same weights, bit for bit
+    assert weights.read_bytes() == original and adapters.checkpoint.weights_digest(run) == digest
+    # what a study writes, others may read (the umask's permissions, not tempfile's or safetensors' 0600)
+    mask = adapters.io.umask()
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in run.rglob("*") if p.is_file()} == {oct(0o666 & ~mask)}
+    assert oct(stat.S_IMODE(run.stat().st_mode)) == oct(0o777 & ~mask)
+
+
+def test_a_run_from_before_the_digest_is_trusted_and_an_unreadable_record_is_not(finished_study, tmp_path):
+    run = shutil.copytree(finished_study[1], tmp_path / "run")
+    stats = json.loads((run / "training_stats.json").read_text())
+    assert adapters.checkpoint.weights_changed(run) is None
+    (run / "adapter_model.safetensors").write_bytes(b"")
+    assert "do not match the digest" in adapters.checkpoint.weights_changed(run)
+    (run / "training_stats.json").write_text(json.dumps({k: v for k, v in stats.items() if k != "weights_sha256"}))
+    assert adapters.checkpoint.weights_changed(run) is None  # no digest recorded: trusted, as before it was
+    (run / "training_stats.json").write_text("[1, 2]")
+    assert adapters.checkpoint.weights_changed(run) == "its training_stats.json holds no JSON object"
+    (run / "training_stats.json").write_text('{"weights_sha256": ')  # cut short
+    assert adapters.checkpoint.weights_changed(run).startswith(f"corrupt training statistics {run}")
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +383,7 @@ def test_the_claims_table_names_first_and_second_and_says_what_would_decide():
     assert "cla − asym = -0.0133" in vs_asym and f"{c['p_noninferior']:.3f} ({c['p_holm']:.3f})" in vs_asym
     assert any(line.startswith("**Accuracy against a baseline** (2 claims). Competitive") for line in lines)
     assert tables.p_text(0.997) == "0.997" and tables.p_text(0.9996) == "> 0.999" and tables.p_text(2e-4) == "< 0.001"
+    assert tables.p_text(0.0498) == "0.0498" and tables.p_text(0.0502) == "0.0502"  # not "0.050" beside its verdict
 
 
 def test_the_study_records_how_busy_its_slots_were(tiny_study):
