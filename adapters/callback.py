@@ -164,7 +164,8 @@ class AdaptersCallback(TrainerCallback):
     """
 
     def __init__(self, *, boundaries=None, save=True, base_model=None, monitor=None):
-        self.planned, self.save, self.base_model, self.trainer, self.monitor = boundaries, save, base_model, None, monitor
+        self.planned, self.save, self.base_model = boundaries, save, base_model
+        self.trainer, self.monitor = None, monitor
         self.model, self.base_hash, self.boundaries, self._logged, self._logging = None, None, [], None, False
 
     @classmethod

@@ -42,7 +42,7 @@ MOVIE_REVIEWS = "movie-reviews"
 # task -> (file, sha256).
 SENTIMENT_SNIPPETS = {
     MOVIE_REVIEWS: ("movieReviewSnippets_GroundTruth.txt",
-                    "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e"),  # 10,605 movie-review sentences
+                    "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e"),  # 10,605 sentences
     "product-reviews": ("amazonReviewSnippets_GroundTruth.txt",
                         "55299aa13332fdddadf015f4e9d9bca1f61b2777e8799bf5b96e66e07b003cd5"),  # 3,708 Amazon snippets
     "editorials": ("nytEditorialSnippets_GroundTruth.txt",
@@ -326,7 +326,8 @@ def _split(examples, splits, val_fraction):
     pick = {name: [examples[i] for i in order if splits[i] == name] for name in ("train", "val", "test")}
     if not pick["val"] and val_fraction:
         n_val = math.ceil(len(pick["train"]) * val_fraction)
-        pick["train"], pick["val"] = pick["train"][:len(pick["train"]) - n_val], pick["train"][len(pick["train"]) - n_val:]
+        cut = len(pick["train"]) - n_val
+        pick["train"], pick["val"] = pick["train"][:cut], pick["train"][cut:]
     return pick["train"], pick["val"], pick["test"]
 
 

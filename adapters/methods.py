@@ -78,7 +78,10 @@ class Adapter:
     selector: bool          # A is a column selector: applied as a gather, never a matmul
     train_a: bool = False
     chain_length: int = 1   # default k: > 1 for a chained method (a new link every 1/k of the run)
-    twin: Optional[str] = None  # a chained method's non-chained twin (k = 1 of cola, rac, c3la is exactly it)
+    twin: Optional[str] = None  # a chained method's non-chained twin: the same adapter without the chain
+    # Whether one link of the chain is exactly its twin (the same A): cola, rac, c3la. rc3la's one link is a random
+    # window of r contiguous columns, rcla's r random columns: the same structure, not the same A.
+    one_link_is_twin: bool = True
     b_init: str = "zeros"   # "zeros" | "base_columns" (PaCA: B starts at W0[:, idx] / s)
     lr_ratio: float = 1.0   # default λ = lr_B / lr_A
 
@@ -120,7 +123,7 @@ METHODS = {m.name: m for m in [
     Method("c3la", "chained cLA: the selector window shifts by r each link",
            Adapter(shifted_window, True, chain_length=CHAIN_LENGTH, twin="cla")),
     Method("rc3la", "random c3LA: a seeded random window each link",
-           Adapter(random_window, True, chain_length=CHAIN_LENGTH, twin="rcla")),
+           Adapter(random_window, True, chain_length=CHAIN_LENGTH, twin="rcla", one_link_is_twin=False)),
     Method("paca", "PaCA: r random columns of W0 trained",
            Adapter(random_columns, True, b_init="base_columns")),
     Method("dpaca", "deterministic PaCA: the first r columns of W0 trained",
@@ -147,8 +150,11 @@ def one_link_note(method, chain_length):
     spec = get_method(method).adapter
     if spec is None or not spec.chained or chain_length != 1:
         return None
-    return (f"{method} with chain_length=1 trains a single link, as its non-chained twin {spec.twin} does "
-            f"(the default is {spec.chain_length} links)")
+    if spec.one_link_is_twin:
+        return (f"{method} with chain_length=1 trains a single link, as its non-chained twin {spec.twin} does "
+                f"(the default is {spec.chain_length} links)")
+    return (f"{method} with chain_length=1 trains a single link: its first link's A, not its non-chained twin "
+            f"{spec.twin}'s (the default is {spec.chain_length} links)")
 
 
 def method_table():

@@ -1,6 +1,6 @@
 """Which examples a command evaluates a checkpoint on: the task it records, or the user's (--task / --data).
 
-    add_task_arguments(parser)                        # --task --data --n-train --n-val --n-test --val-fraction --max-length
+    add_task_arguments(parser)          # --task --data --n-train --n-val --n-test --val-fraction --max-length
     spec, the_task = checkpoint_data(CKPT, **task_options(args))   # refused if the model cannot take those examples
 
 One definition of the data flags for every command that reads a task (adapters.train, adapters.evaluate,

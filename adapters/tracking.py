@@ -1,8 +1,9 @@
 """Where training reports its numbers: accelerate's trackers (--report-to), and the monitor hook.
 
-A monitor is any callable `monitor(model, step) -> {name: float}` that training calls at each evaluation (adapters.train)
-or logging step (adapters.callback.AdaptersCallback); its values go to the same trackers as the losses. If it has a
-`start(n_examples=...)` method, training calls it once before the first step with the training set's size.
+A monitor is any callable `monitor(model, step) -> {name: float}` that training calls at each evaluation
+(adapters.train) or logging step (adapters.callback.AdaptersCallback); its values go to the same trackers as the
+losses. If it has a `start(n_examples=...)` method, training calls it once before the first step with the training
+set's size.
 adapters/ defines the hook only: the toolkit's own monitor (intruders, ‖ΔW‖, stable rank, the MI bound so far,
 λ_max) is analysis.monitor.Diagnostics, a floor above, which the package registers under the entry-point group
 MONITORS (pyproject.toml); `installed_monitor()` finds it there when analysis/ is installed beside adapters/.

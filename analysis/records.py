@@ -75,7 +75,8 @@ def collect(runs, loss_clip=4.0):
             lr=(meta.get("training") or {}).get("lr"), val_loss_falling=val_loss_falling(stats["history"]),
             converged=converged(stats),
             bounds=checkpoint_row(d, loss_clip=loss_clip),
-            spectral=spectral["checkpoints"][0] if spectral else None, spectral_settings=(spectral or {}).get("settings"),
+            spectral=spectral["checkpoints"][0] if spectral else None,
+            spectral_settings=(spectral or {}).get("settings"),
             **{name: _diagnostic(d, name) for name in SOURCES}))
     return records
 

@@ -6,8 +6,9 @@ Every number is read from a run's own files (training_stats.json, diagnostics/*/
 the package that owns its formula (bounds.report for the bounds, bounds.stats for every interval, test and τ,
 analysis.spectral for intruder averages); nothing is re-typed. This module puts the report together: the records
 (analysis.records), the statistics over seeds (analysis.summary), the claims (analysis.claims), the tables
-(analysis.tables), the figures (analysis.figures) and the README section (analysis.readme). `--readme FILE` rewrites FILE's results section, between the lines
-<!-- results:begin --> and <!-- results:end -->, with the same tables and the figures.
+(analysis.tables), the figures (analysis.figures) and the README section (analysis.readme). `--readme FILE` rewrites
+FILE's results section, between the lines <!-- results:begin --> and <!-- results:end -->, with the same tables and
+the figures.
 
 Comparable across methods:
 - intruders are averaged over one matrix set for every method: the matrices the LoRA-family runs adapt (full
@@ -46,7 +47,8 @@ def _run_row(r):
     """A run's line in report.json: where it is, what it measured."""
     return dict(path=r["path"], method=r["method"], seed=r["seed"], lr=r["lr"], val_loss_falling=r["val_loss_falling"],
                 **{k: read(r) for k, (_, read) in {**OUTCOMES, **DIAGNOSTICS}.items()},
-                hessian_converged=hessian_converged(r, "hessian"), hessian_trainable_converged=hessian_converged(r, "hessian_trainable"),
+                hessian_converged=hessian_converged(r, "hessian"),
+                hessian_trainable_converged=hessian_converged(r, "hessian_trainable"),
                 mi_bound_vacuous=r["bounds"]["vacuous"], converged=r["converged"],
                 **{k: r["stats"].get(k) for k in ("best_step", "stopped_at", "cap_steps", "kept")})
 

@@ -144,7 +144,8 @@ def markdown(s):
                                         "row's best; (−x): the cell's drop from it.")
              + [""] + _ranks(s) + _posthoc(s) + [""]
              + _table(s, "gap", "gap_sd", "Table 3: empirical generalization gap Ĝ (test loss − train loss) per "
-                                          "task, mean ± sd over seeds; bold: the row's lowest; (+x): the cell's rise above it.")
+                                          "task, mean ± sd over seeds; bold: the row's lowest; (+x): the cell's rise "
+                                          "above it.")
              + _claims(s))
     return "\n".join(lines) + "\n"
 

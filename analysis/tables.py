@@ -102,8 +102,8 @@ FAMILY_TABLES = {
                   "p equivalent (Holm)", "p worse by > δ (Holm)", "verdict", "to decide it"], _accuracy_row),
     "direction": ("Chained method against its one-link twin",
                   lambda c: "The paired t-test over seeds (two-sided), "
-                            "95 % interval; holds when the adjusted p < α on the claimed side, fails on the other. Last "
-                            "column: steps trained per seed (and the chain's best link), since a longer run can "
+                            "95 % interval; holds when the adjusted p < α on the claimed side, fails on the other. "
+                            "Last column: steps trained per seed (and the chain's best link), since a longer run can "
                             "explain a difference.",
                   ["claim", "difference", "seeds", "95 % interval", "p (Holm)", "verdict", "steps per seed"],
                   _direction_row),
@@ -128,7 +128,8 @@ def claim_lines(found, settings=None):
     for family, (title, text, columns, row) in FAMILY_TABLES.items():
         rows = [c for c in found if c["family"] == family]
         if rows:
-            lines += [f"**{title}** ({_count(len(rows), 'claim')}). {text(rows[0])}", "", "| " + " | ".join(columns) + " |",
+            lines += [f"**{title}** ({_count(len(rows), 'claim')}). {text(rows[0])}", "",
+                      "| " + " | ".join(columns) + " |",
                       "|" + "---|" * len(columns), *("| " + " | ".join(row(c)) + " |" for c in rows), ""]
     counts = {v: sum(c["verdict"] == v for c in found) for v in dict.fromkeys(c["verdict"] for c in found)}
     return lines + [" · ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(found)} claims.", ""]
@@ -202,7 +203,8 @@ def _selection_rows(table):
         return []
     by = rows[0][1]["lr_selection"]["by"]
     lines = [f"Learning rates, each chosen on the validation split by {by} (ties: lower validation loss), at the "
-             "selection seed, whose runs are not among the final ones; * = the choice; + = a grid point added because the choice was at an edge; ‖ = the choice "
+             "selection seed, whose runs are not among the final ones; * = the choice; + = a grid point added because "
+             "the choice was at an edge; ‖ = the choice "
              "is still at an edge (the search's bound reached). Last column, per final seed: the step of the best "
              "validation evaluation (the weights kept; a chain's: and its link) / the step the run stopped at; \"cap, "
              "improving\": it hit its cap while still improving (not converged):", "",
@@ -307,9 +309,10 @@ def _notes(table, taus):
         spec = METHODS[m].adapter
         links = [s.get("best_link") for s in row.get("stopped", [])]
         if spec is not None and spec.chained and links and all(b == 1 for b in links):
+            twin = (f"those of its one-link twin {style.label(spec.twin)} at its lr ({_lr(row)})" if
+                    spec.one_link_is_twin else f"those of one link, which is not its twin {style.label(spec.twin)}")
             notes.append(f"{style.label(m)} kept its first link's weights in every seed (its later links never "
-                         "lowered the validation loss): its numbers are those of its one-link twin "
-                         f"{style.label(spec.twin)} at its lr ({_lr(row)}).")
+                         f"lowered the validation loss): its numbers are {twin}.")
     if any(row["vacuous"] for row in table.values()):
         notes.append(f"{VACUOUS} vacuous: the MI bound is ≥ b, and the loss clipped to [0, b] has |G| ≤ b for any "
                      "weights; the bound is about Ĝ clipped at b.")

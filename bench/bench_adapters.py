@@ -25,7 +25,8 @@ lora_alpha = 32, lora_dropout = 0, the same target modules, modules_to_save = cl
 only the classifier trains, but the embeddings' output requires grad so backward runs through the whole frozen
 encoder, which is the least time and saved memory any adapter of encoder layers can cost. Ratios are against
 our lora and PEFT's LoRA on the same target set (rows without a target set: against the "all" baselines),
-measured in the same run. Step time is wall clock; the CPU time of the process per step is recorded too. Chained methods run their first link
+measured in the same run. Step time is wall clock; the CPU time of the process per step is recorded too. Chained
+methods run their first link
 (chain_length = 1 by default): every link costs the same per step, folded links only add a fixed extra path.
 """
 import argparse

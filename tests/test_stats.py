@@ -1,6 +1,5 @@
 """bounds.stats: paired differences over seeds and test examples, margin tests, Holm, τ and its bootstrap, against
 hand computations, scipy and simulation."""
-import math
 
 import numpy as np
 import pytest

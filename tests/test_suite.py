@@ -238,8 +238,10 @@ def test_interrupted_suite_resumes_without_redoing_a_finished_run(tmp_path, tiny
 
 
 BAD = {
-    "an unknown key at the top": ({"learning-rate": 0.1}, [{"name": "x", "task": "tweets"}], "unknown key 'learning-rate'"),
-    "an unknown key in a study": ({}, [{"name": "x", "task": "tweets", "colour": "red"}], "study x: unknown key 'colour'"),
+    "an unknown key at the top": ({"learning-rate": 0.1}, [{"name": "x", "task": "tweets"}],
+                                  "unknown key 'learning-rate'"),
+    "an unknown key in a study": ({}, [{"name": "x", "task": "tweets", "colour": "red"}],
+                                  "study x: unknown key 'colour'"),
     "a study without a task": ({}, [{"name": "x", "task": "tweets"}, {"name": "y", "model": "minilm"}],
                                "study y: no task"),
     "a duplicate name": ({}, [{"name": "x", "task": "tweets"}, {"name": "x", "task": "editorials"}],

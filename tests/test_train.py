@@ -257,7 +257,8 @@ def test_two_cpu_processes_agree_with_one(tmp_path, tiny_dirs):
     ddp = _torchrun(args + ["--out", str(tmp_path / "ddp")], root)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, _ = _train(tmp_path, str(nodrop), "rcla", name="one")
-    a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    a = load_file(str(one / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
     for k in a:
         # Each process pads its half batch to its own longest row: float noise in the gradients, which Adam's
         # normalised step can turn into ~1e-6 of a near-zero entry. B entries are ~1e-2: 1e-5 is 0.1 % of them.
@@ -451,6 +452,10 @@ def test_every_method_resolves_its_own_chain_length(name):
         assert twin is not None and not twin.chained and spec.twin in one_link_note(name, 1)
         assert (twin.selector, twin.train_a, twin.b_init, twin.lr_ratio) == (
             spec.selector, spec.train_a, spec.b_init, spec.lr_ratio)
+        # one link is exactly its twin (the same A, layer by layer) where the registry says so, and only there
+        same = all(torch.equal(spec.make_a(m, r, 0, seed), twin.make_a(m, r, 0, seed))
+                   for m, r, seed in ((32, 4, 1), (30, 8, 7), (64, 16, 123)))
+        assert same == spec.one_link_is_twin, name
 
 
 @pytest.mark.parametrize("method", CHAINED)
