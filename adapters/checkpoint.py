@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers.pytorch_utils import Conv1D
 
 from . import models, tasks
 from .errors import CheckpointError
 from .inject import adapted_layers, attach_factors, trained_parameters
 from .io import atomic_dir, write_json
+from .layers import LINEAR, as_out_in, is_transposed
 from .methods import get_method
 
 FORMAT_VERSION = 1
@@ -94,7 +94,7 @@ def _save_peft(model, directory, layers, head_state, base_model, peft_task_type)
     config = peft.LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=settings["dropout"], target_modules=list(layers),
         modules_to_save=settings["head"] or None, task_type=peft_task_type,
-        fan_in_fan_out=any(isinstance(l.base, Conv1D) for l in layers.values()),
+        fan_in_fan_out=any(is_transposed(l.base) for l in layers.values()),
         base_model_name_or_path=models.resolve_model(base_model))
     config.save_pretrained(str(directory))
     save_file(tensors, str(directory / PEFT_WEIGHTS))
@@ -390,9 +390,7 @@ def matrices(path):
     head = model.adapter_settings["head"]
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, Conv1D)) and not models.in_modules(name, head):
-            w, w0 = mod.weight.detach().float(), base[name].weight.detach().float()
-            if isinstance(mod, Conv1D):
-                w, w0 = w.t(), w0.t()
+        if isinstance(mod, LINEAR) and not models.in_modules(name, head):
+            w, w0 = (as_out_in(m.weight.detach().float(), is_transposed(mod)) for m in (mod, base[name]))
             out.append((name, w0, w - w0))
     return out

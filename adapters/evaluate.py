@@ -37,12 +37,25 @@ def logits_of(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def forward_logits(model, batch):
+    """Logits of a dict batch on the model's device; labels stay out of the model's own forward (it would compute a
+    loss of its own that nobody reads)."""
+    return logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
+
+
 def batch_scores(model, batch, score=tasks.class_scores):
-    """Per example (summed loss, units, correct) of one dict batch; labels stay out of the model's own forward
-    (it would compute a loss of its own that nobody reads)."""
+    """Per example (summed loss, units, correct) of one dict batch, moved to the model's device: the one place a
+    batch is scored (evaluation, training's record, the landscape, the Hessian)."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    return score(logits_of(model(**inputs)), batch["labels"].to(device))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return score(forward_logits(model, batch), batch["labels"])
+
+
+def batch_loss(model, batch, score=tasks.class_scores):
+    """(summed loss, number correct, units) of one dict batch: the loss a tensor, differentiable when grad is on
+    (the Hessian differentiates it), the counts floats."""
+    sums, units, correct = batch_scores(model, batch, score)
+    return sums.sum(), float(correct.sum()), float(units.sum())
 
 
 def summary(sums, units, correct):

@@ -2,12 +2,9 @@
 import re
 
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 from . import models, tasks
 from .errors import AdapterError
-from .layers import AdaptedLinear
+from .layers import LINEAR, AdaptedLinear, out_in_weight
 from .methods import get_method, layer_seed, resolve_chain_length
 
 # Default targets per architecture family (config.model_type): query and value projections, as in
@@ -52,7 +49,7 @@ def resolve_targets(model, targets=None, head=()):
     if isinstance(targets, str):
         targets = [targets]
     linear = [name for name, mod in model.named_modules()
-              if isinstance(mod, (nn.Linear, Conv1D)) and not models.in_modules(name, head)]
+              if isinstance(mod, LINEAR) and not models.in_modules(name, head)]
     if ALL_LINEAR in targets:
         return linear
     for t in targets:
@@ -60,6 +57,17 @@ def resolve_targets(model, targets=None, head=()):
             raise AdapterError(f"target {t!r} matches no linear layer of the model "
                                f"(for example: {', '.join(linear[:3])})")
     return [name for name in linear if any(_matches(t, name) for t in targets)]
+
+
+def owner(model, name):
+    """(the module that holds submodule, parameter or buffer `name` of `model`, the attribute it holds it under)."""
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+def replace_module(model, name, new):
+    """Put module `new` where `model` holds its submodule `name` (a dotted path)."""
+    setattr(*owner(model, name), new)
 
 
 def adapted_layers(model):
@@ -105,14 +113,12 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=None, 
         names = resolve_targets(model, targets, head)
         for name in names:
             base = model.get_submodule(name)
-            m = base.weight.shape[0] if isinstance(base, Conv1D) else base.weight.shape[1]
-            n = base.weight.shape[1] if isinstance(base, Conv1D) else base.weight.shape[0]
+            n, m = out_in_weight(base).shape
             if rank > min(m, n):
                 raise AdapterError(f"rank {rank} is larger than layer {name} allows "
                                    f"(in {m}, out {n}: rank <= {min(m, n)})")
             layer = AdaptedLinear(base, spec.adapter, rank, alpha, chain_length, layer_seed(seed, name), dropout)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, name, layer)
     for h in head:
         for p in model.get_submodule(h).parameters():
             p.requires_grad_(True)
@@ -170,8 +176,8 @@ def trained_parameters(model):
     other = count(p for p in model.parameters() if id(p) not in in_adapters | in_head)
     if not layers and other:  # full fine-tuning: report each trained weight matrix as a layer
         for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Linear, Conv1D)) and not models.in_modules(name, head) and mod.weight.requires_grad:
-                m, n = (mod.weight.shape if isinstance(mod, Conv1D) else mod.weight.shape[::-1])
+            if isinstance(mod, LINEAR) and not models.in_modules(name, head) and mod.weight.requires_grad:
+                n, m = out_in_weight(mod).shape
                 layers.append(dict(name=name, m=m, n=n, trained=count(mod.parameters())))
     return dict(layers=layers, adapter=adapter, head=head_count, other=other,
                 total=adapter + head_count + other)
@@ -224,8 +230,7 @@ def attach_factors(model, factors, *, selector, train_a, head=()):
         spec = Adapter(make_a=lambda m, r, link, seed, A=A: A.clone(), selector=selector, train_a=train_a)
         layer = AdaptedLinear(model.get_submodule(name), spec, rank, alpha=rank)
         layer.B.copy_(B)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
     for h in head:
         for p in model.get_submodule(h).parameters():
             p.requires_grad_(True)

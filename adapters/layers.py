@@ -18,6 +18,26 @@ from transformers.pytorch_utils import Conv1D
 
 from .methods import Adapter
 
+# The layers an adapter wraps. GPT-2's Conv1D computes x W + b with W stored in×out; nn.Linear stores it out×in.
+LINEAR = (nn.Linear, Conv1D)
+
+
+def is_transposed(module):
+    """Whether `module` stores its weight in×out (GPT-2's Conv1D; a PEFT config says so as fan_in_fan_out)."""
+    return isinstance(module, Conv1D)
+
+
+def as_out_in(weight, transposed):
+    """`weight` (a tensor, or its shape) as n out × m in, given whether it is stored in×out (`transposed`)."""
+    if not transposed:
+        return weight
+    return weight.t() if torch.is_tensor(weight) else tuple(weight)[::-1]
+
+
+def out_in_weight(module):
+    """The weight of a Linear or Conv1D `module` as n out × m in (a view)."""
+    return as_out_in(module.weight, is_transposed(module))
+
 
 def gather_linear(x, idx, B, scale=1.0):
     """s · x[..., idx] @ Bᵀ: the selector path. Saves idx, x[..., idx] and B for backward, never x."""
@@ -116,13 +136,11 @@ class AdaptedLinear(nn.Module):
     @property
     def shape(self):
         """(n out, m in) of W0."""
-        w = self.base.weight
-        return (w.shape[1], w.shape[0]) if isinstance(self.base, Conv1D) else tuple(w.shape)
+        return tuple(self.base_weight().shape)
 
     def base_weight(self):
         """W0 as n×m (Conv1D stores it transposed)."""
-        w = self.base.weight
-        return w.t() if isinstance(self.base, Conv1D) else w
+        return out_in_weight(self.base)
 
     def current_A(self):
         """A of the current link: column indices for selectors, else the r×m matrix."""

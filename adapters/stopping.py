@@ -22,7 +22,7 @@ non-chained run that is: False only when the run ended at its cap while its last
 """
 import math
 
-from .inject import adapted_layers
+from .inject import adapted_layers, owner
 
 KEEP = ("best", "final")
 
@@ -43,8 +43,7 @@ def load_trained_state(model, state):
     for name, value in state["params"].items():
         named[name].data.copy_(value)
     for name, value in state["buffers"].items():
-        owner, _, attr = name.rpartition(".")
-        module = model.get_submodule(owner) if owner else model
+        module, attr = owner(model, name)
         old = getattr(module, attr)
         setattr(module, attr, value.to(old.device, old.dtype))
     layers = adapted_layers(model)

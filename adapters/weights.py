@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from . import models, tasks
 from .checkpoint import _peft_config, load_base, lowrank_factors, read_meta
 from .errors import AdapterError, CheckpointError
+from .layers import as_out_in
 from .methods import get_method
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -101,14 +102,13 @@ class BaseWeights:
         key = self.key(module)
         with self._open(self.files[key]) as f:
             w = f.get_tensor(key)
-        w = w.t() if transpose else w
-        return w.to(torch.float32).contiguous()
+        return as_out_in(w, transpose).to(torch.float32).contiguous()
 
     def shape(self, module, transpose=False):
         key = self.key(module)
         with self._open(self.files[key]) as f:
             shape = tuple(f.get_slice(key).get_shape())
-        return shape[::-1] if transpose else shape
+        return as_out_in(shape, transpose)
 
 
 class Stream:

@@ -30,9 +30,9 @@ from adapters.errors import AdapterError, ArgumentParser, cli
 from adapters.taskspec import TASK_OPTIONS, add_task_arguments, checkpoint_score, examples_arg, task_options
 from adapters.io import write_json
 from analysis import lanczos, spaces
-from adapters.evaluate import eval_mode
+from adapters.evaluate import batch_loss, eval_mode
 from adapters.tasks import class_scores
-from analysis.landscape import SPLITS, batch_loss, to_device
+from analysis.landscape import SPLITS, to_device
 
 DEFAULTS = dict(top_k=5, trace=False, density=False, space="trainable", parametrization="trained", matrices=None,
                 examples=256, split="train",

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
-from adapters.evaluate import eval_mode, logits_of
+from adapters.evaluate import batch_loss, eval_mode, forward_logits  # noqa: F401  (forward_logits re-exported)
 from adapters.taskspec import TASK_OPTIONS, add_task_arguments, checkpoint_score, examples_arg, task_options
 from adapters.tasks import class_scores
 from adapters.io import write_json
@@ -48,18 +48,6 @@ SPLITS = ("train", "test")
 
 
 # ---- the loss oracle: (model, dict batches, the parameters to perturb) -------------------------
-
-def forward_logits(model, batch):
-    """Logits of a dict batch; labels are left out so the model computes no loss of its own."""
-    return logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
-
-
-def batch_loss(model, batch, score=class_scores):
-    """The task's summed loss over a batch, its number of correct predictions and of units (examples, or scored
-    tokens): `score` is the task type's (adapters.tasks)."""
-    sums, units, correct = score(forward_logits(model, batch), batch["labels"])
-    return sums.sum(), float(correct.sum()), float(units.sum())
-
 
 def evaluate(model, batches, score=class_scores):
     """The task's loss (Σ loss / Σ units) and accuracy over all batches (eval mode, no_grad)."""

@@ -58,12 +58,11 @@ def as_trained(model, meta):
 @torch.no_grad()
 def merge(model):
     """In place: each adapted layer becomes its plain base layer with weight W0 + ΔW. Returns the merged names."""
-    from adapters.inject import adapted_layers
+    from adapters.inject import adapted_layers, replace_module
     names = []
     for name, layer in adapted_layers(model).items():
         layer.base_weight().add_(layer.delta_weight().to(layer.base_weight().dtype))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
+        replace_module(model, name, layer.base)
         names.append(name)
     return names
 

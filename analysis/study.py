@@ -36,6 +36,7 @@ interrupted run resumes from its last state. The untrained model, evaluated on t
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from adapters.data import BUILTIN
 from adapters.errors import AdapterError, ArgumentParser, HelpFormatter, cli
@@ -179,6 +180,23 @@ def _check_settings(runs, settings):
         write_json(path, settings)
 
 
+class Run(NamedTuple):
+    """A train job's arguments: named, so the study reads a job's method and seed by name; a tuple, so the executor
+    calls _train_job(*run) as it calls any job (and Ray pickles it as any argument)."""
+    runs: str
+    method: str
+    lr: float
+    seed: int
+    common: dict
+
+
+class Diagnosis(NamedTuple):
+    """A diagnose job's arguments (_diagnose_job(*diagnosis))."""
+    run: str
+    which: str
+    budget: str
+
+
 def _train_job(runs, method, lr, seed, common):
     """One (method, lr, seed) run into its directory: a finished run whose weights are still those it finished with
     is skipped, an interrupted one resumes, a finished one whose weights changed since is trained again from scratch.
@@ -292,16 +310,16 @@ class Search:
                                                                    {}, {})
 
     def _run(self, priority, method, lr):
-        return priority, _train_job, (self.runs, method, lr, self.seed, self.common)
+        return priority, _train_job, Run(self.runs, method, lr, self.seed, self.common)
 
     def jobs(self):
         return [self._run(GRID, m, lr) for m in self.methods for lr in self.grids[m]]
 
     def then(self, fn, args, result):
         """The follow-ups of a finished job: none unless it is the last outstanding grid run of its method."""
-        if fn is not _train_job or args[3] != self.seed or args[2] not in self.waiting.get(args[1], ()):
+        if fn is not _train_job or args.seed != self.seed or args.lr not in self.waiting.get(args.method, ()):
             return []
-        m, lr = args[1], args[2]
+        m, lr = args.method, args.lr
         self.waiting[m].discard(lr)
         if self.waiting[m]:
             return []
@@ -364,9 +382,9 @@ def _check_runs(methods, grids, seeds, common, runs, task_type):
 def _kind(fn, args):
     """A job's kind, for the progress bar's ETA: a method's training runs, one diagnostic, the reference."""
     if fn is _train_job:
-        return f"train:{args[1]}"
+        return f"train:{args.method}"
     if fn is _diagnose_job:
-        return f"diagnose:{args[1]}"
+        return f"diagnose:{args.which}"
     return fn.__name__.strip("_").removesuffix("_job")  # the reference; a suite's study report
 
 
@@ -425,7 +443,7 @@ class Study:
         self.runs = str(Path(runs).resolve())  # jobs may run in other processes, other working directories
         self.methods, self.grids, self.seeds, self.select_seed = methods, grids, seeds, select_seed
         self.common, self.budget, self.diagnostics = common, budget, tuple(diagnostics)
-        final = lambda m, lr: [(SEED, _train_job, (self.runs, m, lr, s, common)) for s in seeds]  # noqa: E731
+        final = lambda m, lr: [(SEED, _train_job, Run(self.runs, m, lr, s, common)) for s in seeds]  # noqa: E731
         self.search = Search(self.runs, methods, grids, select_seed, common, select_by, max_extensions, final=final)
 
     def begin(self, plan):
@@ -449,12 +467,12 @@ class Study:
         """A finished final run: its diagnostics; anything else: the lr search's follow-ups."""
         if fn is _train_job:
             result = _said(result)
-        if fn is _train_job and args[3] != self.select_seed:
-            return [(DIAGNOSTIC, _diagnose_job, (result, which, self.budget)) for which in self.diagnostics]
+        if fn is _train_job and args.seed != self.select_seed:
+            return [(DIAGNOSTIC, _diagnose_job, Diagnosis(result, which, self.budget)) for which in self.diagnostics]
         more = self.search.then(fn, args, result)
         for _, job, job_args in more:
-            if job is _train_job and job_args[3] == self.select_seed:
-                self.plan.add(f"train:{job_args[1]}")  # an extension of the grid: not in the plan yet
+            if job is _train_job and job_args.seed == self.select_seed:
+                self.plan.add(f"train:{job_args.method}")  # an extension of the grid: not in the plan yet
         return more
 
     def finish(self, executor_settings):

@@ -7,13 +7,10 @@ I(S; W) ≤ H(trained scalars) ≤ P · q · ln 2 nats for P scalars stored in q
 """
 import math
 
+from adapters import methods as registry
 from adapters.errors import AdapterError
 
-# Methods whose per-layer count is r·(m+n) (both factors trained) or r·n (only B, or PaCA's r columns).
-_BOTH_FACTORS = {"lora", "lora_plus", "cola"}
-_B_ONLY = {"asym", "cla", "rcla", "paca", "dpaca", "rac", "c3la", "rc3la"}
-_CHAINED = {"cola", "rac", "c3la", "rc3la"}
-METHODS = sorted(_BOTH_FACTORS | _B_ONLY | {"fft", "head"})
+METHODS = sorted(registry.METHODS)
 
 
 def mi_bound(trained_parameters, n_examples, sigma, bits):
@@ -54,15 +51,14 @@ def formula_parameters(method, rank, chain_length, layers):
     """
     if method not in METHODS:
         raise AdapterError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if method == "head":
-        return 0
-    if method == "fft":
-        return sum(m * n for m, n in layers)
+    record = registry.METHODS[method]
+    if record.adapter is None:  # no adapter layers: every adapted matrix trains (fft), or none does (head)
+        return sum(m * n for m, n in layers) if record.trains_base else 0
     if not (isinstance(rank, int) and rank > 0):
         raise AdapterError(f"rank must be a positive integer, got {rank!r}")
-    k = chain_length if method in _CHAINED else 1
+    k = chain_length if record.adapter.chained else 1
     if not (isinstance(k, int) and k > 0):
         raise AdapterError(f"chain_length must be a positive integer, got {chain_length!r}")
-    if method in _BOTH_FACTORS:
-        return k * rank * sum(m + n for m, n in layers)
-    return k * rank * sum(n for _, n in layers)
+    # A trained: r(m+n) per link; A frozen or a selector: r·n (B only, or PaCA's r columns of W0)
+    per_layer = (lambda m, n: m + n) if record.adapter.train_a else (lambda m, n: n)
+    return k * rank * sum(per_layer(m, n) for m, n in layers)

@@ -391,3 +391,32 @@ def test_only_the_method_and_head_train():
 def test_bad_input_names_the_problem(kwargs, message):
     with pytest.raises(adapters.AdapterError, match=message):
         adapters.apply(tiny("bert"), **kwargs)
+
+
+# -- plumbing: weight orientation and module replacement --------------------------------------------
+
+def test_a_conv1d_and_a_linear_give_the_same_out_in_weight():
+    """GPT-2's Conv1D(nf=n, nx=m) stores W in×out, nn.Linear(m, n) out×in: both come out n×m, the matrix the layer
+    applies (y = x Wᵀ + b), and a shape turns as the tensor does."""
+    from transformers.pytorch_utils import Conv1D
+    from adapters.layers import as_out_in, is_transposed, out_in_weight
+    torch.manual_seed(0)
+    conv, lin = Conv1D(5, 3), nn.Linear(3, 5)
+    assert is_transposed(conv) and not is_transposed(lin)
+    x = torch.randn(2, 3)
+    for layer in (conv, lin):
+        W = out_in_weight(layer)
+        assert W.shape == (5, 3) and W.data_ptr() == layer.weight.data_ptr()  # a view, not a copy
+        torch.testing.assert_close(layer(x), x @ W.t() + layer.bias)
+    assert as_out_in((3, 5), True) == (5, 3) and as_out_in((5, 3), False) == (5, 3)
+
+
+def test_replace_module_puts_a_module_at_a_dotted_name_and_at_the_top():
+    from adapters.inject import owner, replace_module
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
+    new, top = nn.Identity(), nn.Tanh()
+    replace_module(model, "1.1", new)
+    assert model.get_submodule("1.1") is new and isinstance(model[1][0], nn.ReLU)
+    replace_module(model, "0", top)
+    assert model[0] is top
+    assert owner(model, "1.0") == (model[1], "0") and owner(model, "0") == (model, "0")

@@ -426,7 +426,7 @@ class _Simulated(executor._Executor):
         return self.slots
 
     def _submit(self, fn, args):
-        self.starts.append((args[1], args[2], args[3], self.now))
+        self.starts.append((args.method, args.lr, args.seed, self.now))
         return (self.now + 1, len(self.starts))  # (finish time, a unique handle)
 
     def _next_done(self, running, desc):
@@ -442,7 +442,8 @@ def test_the_study_has_no_barrier_a_methods_follow_ups_start_when_its_own_runs_a
     monkeypatch.setattr(executor.time, "perf_counter", lambda: pool.now)  # the executor's clock: the virtual one
     grids = {"cla": [1e-3, 3e-3, 1e-2], "lora": [1e-2, 3e-2, 1e-1]}  # lora's optimum 0.05: inside its grid
     sel = study.search(pool, tmp_path, ["cla", "lora"], grids, 0, {}, "val_metric", progress=False,
-                       final=lambda m, lr: [(study.SEED, study._train_job, (tmp_path, m, lr, s, {})) for s in (1, 2)])
+                       final=lambda m, lr: [(study.SEED, study._train_job, study.Run(tmp_path, m, lr, s, {}))
+                                            for s in (1, 2)])
     assert sel["lora"]["lr"] == 3e-2 and sel["cla"]["lr"] == pytest.approx(0.033)
     start = {(m, round(lr, 6), s): t for m, lr, s, t in pool.starts}
     assert len(start) == 3 + 2 + 3 + 2 + 2  # cla: grid, 2 extensions, 2 seeds; lora: grid, 2 seeds
