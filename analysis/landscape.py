@@ -19,8 +19,8 @@ atomically to DIR/landscape.partial*.json so a rerun with the same settings resu
 sharded over torchrun processes (point k on rank k % world) then all-gathered.
 
 Outputs in DIR: landscape.json (coords, loss/accuracy grids [i][j], center_loss, directions with
-seeds and normalisation, settings, the space and its parametrisation, sharpness summaries), landscape_contour (2D, trajectory overlay
-for PCA directions), landscape_surface (3D), landscape_1d (train and test curves).
+seeds and normalisation, settings, the space and its parametrisation, sharpness summaries), landscape_contour (2D,
+trajectory overlay for PCA directions), landscape_surface (3D), landscape_1d (train and test curves).
 """
 import json
 import os
@@ -41,8 +41,8 @@ from analysis import directions as dirs
 from analysis import spaces
 from analysis.spaces import space_parameters  # noqa: F401  (the plain-model spaces, re-exported for callers)
 
-DEFAULTS = dict(dims=2, directions="random", space="trainable", parametrization="trained", matrices=None, grid=21, range=1.0, split="train",
-                examples=256, batch_size=32, seed=0, include_1d=False, out=None, fresh=False,
+DEFAULTS = dict(dims=2, directions="random", space="trainable", parametrization="trained", matrices=None, grid=21,
+                range=1.0, split="train", examples=256, batch_size=32, seed=0, include_1d=False, out=None, fresh=False,
                 device=None, save_every=10, progress=True, formats=("png", "pdf"), **dict.fromkeys(TASK_OPTIONS))
 SPLITS = ("train", "test")
 
@@ -422,8 +422,8 @@ def run(ckpt, **settings):
     """Compute the landscape of checkpoint `ckpt`; write DIR/landscape.json and figures; return the dict.
 
     Settings (defaults in DEFAULTS): dims, directions ("random" | "pca" | "to:CKPT2"), space,
-    parametrization, matrices (compared matrices of the effective space), grid, range, split, examples (None = all), batch_size, seed, include_1d, out (default: ckpt), fresh,
-    device, save_every, progress, formats.
+    parametrization, matrices (compared matrices of the effective space), grid, range, split, examples (None = all),
+    batch_size, seed, include_1d, out (default: ckpt), fresh, device, save_every, progress, formats.
     """
     s = _settings(settings)
     import adapters

@@ -604,7 +604,8 @@ def _parser():
     for name in ("n_train", "n_val", "n_test"):
         t.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"upper limit on the {name[2:]} examples "
                                                                      f"({_budget_default(name)})")
-    t.add_argument("--eval-every", type=int, help=f"steps between validation evaluations ({_budget_default('eval_every')})")
+    t.add_argument("--eval-every", type=int,
+                   help=f"steps between validation evaluations ({_budget_default('eval_every')})")
     t.add_argument("--patience", type=int, help=f"evaluations without an improvement before a run stops "
                                                 f"({_budget_default('patience')})")
     t.add_argument("--min-delta", type=float, help=f"an improvement of the validation loss is larger than this "

@@ -135,6 +135,11 @@ trainer.train()
 if trainer.is_world_process_zero():
     log = next(h for h in trainer.state.log_history if "loss" in h)
     (__import__("pathlib").Path(out) / "log.json").write_text(json.dumps(log))
+# Leave together: a rank exiting while gloo's threads still run can abort ("terminate called without an active
+# exception", SIGABRT), which a loaded machine makes likely.
+import torch.distributed as dist
+dist.barrier()
+dist.destroy_process_group()
 """
 
 

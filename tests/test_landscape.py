@@ -389,8 +389,8 @@ def train_tiny(root, method="lora", steps=4, snapshots=4, lr=0.05):
     from adapters.train import train
     base = models.tiny_model_dir(root / "base", "bert")
     ckpt = root / f"ckpt_{method}"
-    train(model=str(base), method=method, rank=2, alpha=4, max_steps=steps, n_train=24, n_val=8, n_test=16, batch_size=8,
-          lr=lr, out=str(ckpt), save_trajectory=snapshots, progress=False)
+    train(model=str(base), method=method, rank=2, alpha=4, max_steps=steps, n_train=24, n_val=8, n_test=16,
+          batch_size=8, lr=lr, out=str(ckpt), save_trajectory=snapshots, progress=False)
     return ckpt
 
 
@@ -438,8 +438,8 @@ def test_segment_to_itself_is_flat_and_to_a_sibling_ends_at_its_loss(trained, tm
     from adapters.train import train
     sibling = tmp_path / "sibling"
     base = adapters.read_meta(trained)["base_model"]
-    train(model=base, method="lora", rank=2, alpha=4, max_steps=2, n_train=24, n_val=8, n_test=16, batch_size=8, lr=0.05,
-          seed=1, out=str(sibling), progress=False)
+    train(model=base, method="lora", rank=2, alpha=4, max_steps=2, n_train=24, n_val=8, n_test=16, batch_size=8,
+          lr=0.05, seed=1, out=str(sibling), progress=False)
     r = ls.run(trained, dims=1, directions=f"to:{sibling}", grid=5, examples=None, out=tmp_path / "seg",
                progress=False, formats=("png",))
     want = evaluate(adapters.load(sibling), checkpoint_batches(sibling, "train"))["loss"]
@@ -455,8 +455,8 @@ def test_segment_between_runs_with_different_frozen_selectors_ends_at_ckpt2(trai
     runs = []
     for seed in (0, 1):
         runs.append(tmp_path / f"rcla{seed}")
-        train(model=base, method="rcla", rank=2, alpha=4, max_steps=2, n_train=24, n_val=8, n_test=16, batch_size=8, lr=0.05,
-              seed=seed, out=str(runs[-1]), progress=False)
+        train(model=base, method="rcla", rank=2, alpha=4, max_steps=2, n_train=24, n_val=8, n_test=16, batch_size=8,
+              lr=0.05, seed=seed, out=str(runs[-1]), progress=False)
     assert adapters.read_meta(runs[0])["selectors"] != adapters.read_meta(runs[1])["selectors"]
     r = ls.run(runs[0], dims=1, directions=f"to:{runs[1]}", grid=3, examples=None, out=tmp_path / "seg",
                progress=False, formats=("png",))

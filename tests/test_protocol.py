@@ -139,14 +139,16 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_without_redoing_runs(tmp_pa
         assert [os.path.basename(r) for r in on_ray[method]] == [f"{method}-lr{lr:g}-s{s}" for s in (1, 2)]
         assert selection["methods"][method]["runs"] == [f"{method}-lr{lr:g}-s{s}" for s in (1, 2)]  # relative
         for a, b in zip(on_ray[method], serial[method]):
-            wa, wb = _weights(tmp_path / "ray" / os.path.basename(a)), _weights(tmp_path / "serial" / os.path.basename(b))
+            wa = _weights(tmp_path / "ray" / os.path.basename(a))
+            wb = _weights(tmp_path / "serial" / os.path.basename(b))
             for k in wa:
                 torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)  # 1 thread per run vs the default
     # every lr of the (extended) grid for the selection seed 0 and the chosen lr for seeds 1, 2: no more runs, no fewer
     assert sorted(p.name for p in (tmp_path / "ray").iterdir() if p.is_dir()) == sorted(
         [f"{m}-lr{lr:g}-s0" for m in ("cla", "lora") for lr in selection["methods"][m]["grid"]]
         + [f"{m}-lr{selection['methods'][m]['lr']:g}-s{s}" for m in ("cla", "lora") for s in (1, 2)])
-    stamps = {p.name: (p / "training_stats.json").stat().st_mtime_ns for p in (tmp_path / "ray").iterdir() if p.is_dir()}
+    stamps = {p.name: (p / "training_stats.json").stat().st_mtime_ns for p in (tmp_path / "ray").iterdir()
+              if p.is_dir()}
     study.sweep(runs=tmp_path / "ray", executor="ray", **kwargs)  # everything is done: nothing is redone
     assert stamps == {p.name: (p / "training_stats.json").stat().st_mtime_ns
                       for p in (tmp_path / "ray").iterdir() if p.is_dir()}
@@ -351,7 +353,8 @@ def test_the_sweep_records_its_extensions_in_lr_selection(tmp_path, monkeypatch)
     study.sweep(runs=tmp_path, methods=["cla"], seeds=[1, 2], budget="tiny", lr_grid=[1e-3, 3e-3, 1e-2],
                 diagnostics=(), executor="serial", progress=False)
     saved = json.loads((tmp_path / study.SELECTION_FILE).read_text())["methods"]["cla"]
-    assert saved["lr"] == pytest.approx(0.033) and [e["lr"] for e in saved["extensions"]] == pytest.approx([0.033, 0.11])
+    assert saved["lr"] == pytest.approx(0.033)
+    assert [e["lr"] for e in saved["extensions"]] == pytest.approx([0.033, 0.11])
     assert saved["runs"] == ["cla-lr0.033-s1", "cla-lr0.033-s2"]
 
 

@@ -324,7 +324,8 @@ def _seeded_runs(hessian_of, noise=0.01):
     """Four methods × three seeds whose MI bound orders the mean gaps; the Hessian as `hessian_of(gap, mi)`; seeds
     spread by `noise` (0.3: resampled seeds reorder the methods)."""
     out = []
-    for m, gap, mi, P in (("head", 0.0, 1.0, 10), ("cla", 0.1, 2.0, 20), ("asym", 0.2, 3.0, 30), ("lora", 0.3, 4.0, 40)):
+    for m, gap, mi, P in (("head", 0.0, 1.0, 10), ("cla", 0.1, 2.0, 20), ("asym", 0.2, 3.0, 30),
+                          ("lora", 0.3, 4.0, 40)):
         for s in range(3):
             g = gap + noise * (s if m != "cla" else 2 - s) * (1 if s != 1 else -1)
             r = _run(m, s, g, mi=mi, hessian=hessian_of(g, mi), P=P)

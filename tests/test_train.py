@@ -221,6 +221,8 @@ torch.manual_seed(100 + dist.get_rank())  # the global RNG differs per rank: sel
 sel = adapters.selectors(adapters.apply(model, "rcla", rank=4, alpha=8, seed=7))
 with open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w") as f:
     json.dump(sel, f)
+dist.barrier()
+dist.destroy_process_group()  # leave together (see tests/test_accumulation.py's DDP_STEP)
 """
 
 
