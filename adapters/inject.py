@@ -85,31 +85,31 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=None, 
     chained method, default the method's (adapters.methods; 1 for every other method), as adapters.train's.
     The settings are kept on the model as `model.adapter_settings`.
     """
-    spec = get_method(method)
+    record = get_method(method)
     chain_length = resolve_chain_length(method, chain_length)
     if hasattr(model, "adapter_settings"):
         raise AdapterError("adapters already applied to this model")
     if not isinstance(chain_length, int) or chain_length < 1:
         raise AdapterError(f"chain_length must be an integer >= 1, got {chain_length!r}")
-    chained = spec.adapter is not None and spec.adapter.chained
+    chained = record.adapter is not None and record.adapter.chained
     if chain_length > 1 and not chained:
         raise AdapterError(f"method {method!r} is not chained; chain_length must be 1, got {chain_length}")
-    if spec.adapter is not None and (not isinstance(rank, int) or rank < 1):
+    if record.adapter is not None and (not isinstance(rank, int) or rank < 1):
         raise AdapterError(f"rank must be an integer >= 1, got {rank!r}")
-    if spec.adapter is not None and not alpha > 0:
+    if record.adapter is not None and not alpha > 0:
         raise AdapterError(f"alpha must be > 0 (the scale s = alpha/r multiplies the update), got {alpha!r}")
     if not 0 <= dropout < 1:
         raise AdapterError(f"dropout must be in [0, 1), got {dropout!r}")
-    if spec.adapter is None and (targets is not None or dropout):
+    if record.adapter is None and (targets is not None or dropout):
         raise AdapterError(f"method {method!r} has no adapter layers: targets and dropout do not apply")
     if head is None:  # a classifier's new head trains; a causal LM's own lm_head only under head-only training
-        head = tasks.for_model(model).trained_head(model, spec) if getattr(model, "base_model_prefix", None) else []
+        head = tasks.for_model(model).trained_head(model, record) if getattr(model, "base_model_prefix", None) else []
     head = list(head)
 
     for p in model.parameters():
-        p.requires_grad_(spec.trains_base)
+        p.requires_grad_(record.trains_base)
     names = []
-    if spec.adapter is not None:
+    if record.adapter is not None:
         names = resolve_targets(model, targets, head)
         for name in names:
             base = model.get_submodule(name)
@@ -117,7 +117,7 @@ def apply(model, method, *, rank=16, alpha=32, targets=None, chain_length=None, 
             if rank > min(m, n):
                 raise AdapterError(f"rank {rank} is larger than layer {name} allows "
                                    f"(in {m}, out {n}: rank <= {min(m, n)})")
-            layer = AdaptedLinear(base, spec.adapter, rank, alpha, chain_length, layer_seed(seed, name), dropout)
+            layer = AdaptedLinear(base, record.adapter, rank, alpha, chain_length, layer_seed(seed, name), dropout)
             replace_module(model, name, layer)
     for h in head:
         for p in model.get_submodule(h).parameters():
@@ -227,8 +227,8 @@ def attach_factors(model, factors, *, selector, train_a, head=()):
         p.requires_grad_(False)
     for name, (B, A) in factors.items():
         rank = B.shape[1]
-        spec = Adapter(make_a=lambda m, r, link, seed, A=A: A.clone(), selector=selector, train_a=train_a)
-        layer = AdaptedLinear(model.get_submodule(name), spec, rank, alpha=rank)
+        adapter = Adapter(make_a=lambda m, r, link, seed, A=A: A.clone(), selector=selector, train_a=train_a)
+        layer = AdaptedLinear(model.get_submodule(name), adapter, rank, alpha=rank)
         layer.B.copy_(B)
         replace_module(model, name, layer)
     for h in head:

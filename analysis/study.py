@@ -210,8 +210,8 @@ def _train_job(runs, method, lr, seed, common):
         return str(out), None
     if redone:
         shutil.rmtree(out / "diagnostics", ignore_errors=True)  # they are of the old weights: computed again
-    spec = METHODS[method].adapter
-    chained = spec is not None and spec.chained
+    adapter = METHODS[method].adapter
+    chained = adapter is not None and adapter.chained
     # A redo does not resume: a state left beside the finished run is not of the new run's making.
     train(method=method, lr=lr, seed=seed, out=out, resume=not redone, overwrite=True, progress=False,
           **{**common, "chain_length": common["chain_length"] if chained else 1})
