@@ -141,7 +141,7 @@ def _report_job(runs, out, margin):
 def run(path, runs=None, out=None, executor=None, address=None, cpus_per_run=None, gpus_per_run=None, progress=True,
         report=True, readme=None):
     """Run every study of the suite file at `path` in one queue, write each study's report as it finishes and then
-    the suite's report (report()). Returns the suite's report (a dict), or None with report=False."""
+    the suite's report (write_report). Returns the suite's report (a dict), or None with report=False."""
     from analysis.executor import make_executor
     from analysis.study import stream
     path = Path(path)
