@@ -27,15 +27,15 @@ def _split_key(spec):
     return json.dumps({k: spec.get(k) for k in SAME_SPLIT}, sort_keys=True)
 
 
-def write_example_losses(file, results, spec):
+def write_example_losses(file, results, spec, weights_sha256):
     """Record the per-example losses, units and number correct of summary() `results` ({split: result}) of the final
-    weights on task `spec` (with its type and sha256) at `file`, inside the checkpoint directory being written. Its
-    weights must already be there (checkpoint.save writes its `files` after them): their digest is recorded too."""
+    weights on task `spec` (with its type and sha256) at `file`, inside the checkpoint directory being written, with
+    `weights_sha256`, the weights_digest of that directory's weights."""
     tensors = {f"{split}.{key}": torch.tensor(r[key], dtype=torch.float64)
                for split, r in results.items() if r for key in OUTCOMES}
     # One metadata entry: safetensors writes several in no fixed order, and a resumed run must write the same bytes.
     save_file(tensors, str(file), metadata={"record": json.dumps(
-        {"split": _split_key(spec), "weights_sha256": weights_digest(Path(file).parent)}, sort_keys=True)})
+        {"split": _split_key(spec), "weights_sha256": weights_sha256}, sort_keys=True)})
 
 
 def recorded_losses(path, spec, splits=("train", "test")):

@@ -15,6 +15,7 @@ share); one learning-rate schedule runs over the whole run.
 --mixed-precision bf16/fp16 trains under autocast (fp32 master weights); the final evaluation, the one recorded,
 always runs in fp32 eval mode, so it is what a fresh evaluation of the loaded checkpoint gives.
 """
+import functools
 import inspect
 import json
 import math
@@ -534,16 +535,20 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
             for s in sorted(snapshots):
                 shutil.copy(partial / f"step_{s:08d}.safetensors", directory / f"step_{s:08d}.safetensors")
 
+        # Both records below hold the digest of the weights, already written beside them (checkpoint.save writes
+        # `files` after them): hashed once, since a full fine-tuning's weights are the whole model.
+        weights_sha256 = functools.cache(checkpoint.weights_digest)
+
         def write_stats(file):
-            # The completion record says what it completes: the weights, already written beside it (checkpoint.save
-            # writes `files` after them), so a resumed study can check a finished run before it skips it.
-            stats["weights_sha256"] = checkpoint.weights_digest(file.parent)
+            # The completion record says what it completes, so a resumed study can check a finished run it skips.
+            stats["weights_sha256"] = weights_sha256(file.parent)
             write_json(file, stats)
 
         files = {checkpoint.STATS: write_stats,
                  CONFIG: lambda p: write_text(p, yaml.safe_dump(config, sort_keys=False))}
         # The final per-example losses with the digest of the weights they are of, so bounds need not run the model.
-        files[example_losses.EXAMPLE_LOSSES] = lambda p: example_losses.write_example_losses(p, evs, task_meta)
+        files[example_losses.EXAMPLE_LOSSES] = lambda p: example_losses.write_example_losses(
+            p, evs, task_meta, weights_sha256(p.parent))
         if snapshots:
             files["trajectory"] = write_trajectory
         checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name,

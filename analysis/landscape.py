@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
-from adapters.evaluate import batch_loss, eval_mode, forward_logits  # noqa: F401  (forward_logits re-exported)
+from adapters.evaluate import batch_loss, eval_mode
 from adapters.taskspec import TASK_OPTIONS, add_task_arguments, checkpoint_score, examples_arg, task_options
 from adapters.tasks import class_scores
 from adapters.io import write_json

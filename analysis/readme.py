@@ -4,12 +4,12 @@ from pathlib import Path
 
 from adapters.errors import AdapterError
 
-README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
 def markers(name="results"):
     """The lines that delimit a generated section: the study's results, or another command's (a suite's)."""
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+README_BEGIN, README_END = markers()
 
 
 def readme_parts(path, name="results"):

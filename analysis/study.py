@@ -393,8 +393,9 @@ class Study:
     queue it may share with other studies (analysis.suite): `jobs()` the first ones, `then()` the follow-ups of each
     finished one, `owns()` which jobs are its own, and `finish()` what it records once its last job is done.
 
-    `settings` is what runs/study.json records (a runs directory holds one study); `data` names what it is computed
-    on (describe_data)."""
+    `settings` is what runs/study.json records (a runs directory holds one study), what it is computed on included:
+    the task's name (a data file's own name unless --task names it), the data file's name and sha256 (None for a
+    built-in task, which adapters.data checks against its own); analysis.layout.data_label says it in one line."""
 
     def __init__(self, runs="runs", methods=DEFAULT_METHODS, seeds=None, select_seed=None, budget="default",
                  model="minilm", task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=CHAIN_LENGTH,
@@ -429,12 +430,11 @@ class Study:
         if overrides.get("max_steps") is not None:
             train_kwargs.pop("epochs", None)  # --max-steps is the cap instead of the budget's epochs
         train_kwargs, whole = _data_limits(task, data_file, train_kwargs)
-        self.data = describe_data(whole, data_file)
         common = dict(model=model, task=task, data_file=data_file, rank=rank, alpha=alpha, chain_length=chain_length,
                       head_lr_mult=head_lr_mult, **train_kwargs)
-        # `task` is the name the data is reported under (a file's own name unless --task names it), `data` the file
-        # and its sha256 (None for a built-in task), so a report never labels a user's table as the default task.
-        self.settings = dict(model=model, task=whole.name, data=self.data["file"], data_sha256=self.data["sha256"],
+        # The task's resolved name and the data file, so a report never labels a user's table as the default task.
+        self.settings = dict(model=model, task=whole.name, data=Path(data_file).name if data_file else None,
+                             data_sha256=whole.sha256 if data_file else None,
                              rank=rank, alpha=alpha, chain_length=chain_length, budget=budget, train=train_kwargs,
                              lr_grids=grids, select_by=select_by, select_seed=select_seed, head_lr_mult=head_lr_mult,
                              lr_search=dict(max_extensions_per_side=max_extensions, lr_bounds=list(LR_BOUNDS)))
@@ -467,8 +467,9 @@ class Study:
         """A finished final run: its diagnostics; anything else: the lr search's follow-ups."""
         if fn is _train_job:
             result = _said(result)
-        if fn is _train_job and args.seed != self.select_seed:
-            return [(DIAGNOSTIC, _diagnose_job, Diagnosis(result, which, self.budget)) for which in self.diagnostics]
+            if args.seed != self.select_seed:
+                return [(DIAGNOSTIC, _diagnose_job, Diagnosis(result, which, self.budget))
+                        for which in self.diagnostics]
         more = self.search.then(fn, args, result)
         for _, job, job_args in more:
             if job is _train_job and job_args.seed == self.select_seed:
@@ -485,15 +486,6 @@ class Study:
                         executor=executor_settings,
                         methods={m: dict(selection[m], runs=names[m]) for m in self.methods}))
         return final
-
-
-def describe_data(task, data_file=None):
-    """What a study is computed on: {"task": the name it is reported under, "file": the data file's name (None for
-    a built-in task), "sha256": the file's (None for a built-in task, which adapters.data checks against its own)}.
-    `task` is adapters.data's Task; analysis.layout.data_label says it in one line."""
-    if data_file is None:
-        return dict(task=task.name, file=None, sha256=None)
-    return dict(task=task.name, file=Path(data_file).name, sha256=task.sha256)
 
 
 def stream(pool, studies, progress=True, desc="study: runs and diagnostics", finished=None):

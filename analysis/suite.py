@@ -145,7 +145,7 @@ def run(path, runs=None, out=None, executor=None, address=None, cpus_per_run=Non
     from analysis.executor import make_executor
     from analysis.study import stream
     path = Path(path)
-    runs, out = Path(runs or Path("runs") / path.stem), Path(out or Path("figures") / path.stem)
+    runs, out = locations(path, runs, out)
     if readme is not None:
         readme_parts(readme, "suite")  # a bad --readme stops the suite before hours of training
     suite, studies = prepare(path, runs, out)
@@ -171,7 +171,31 @@ def run(path, runs=None, out=None, executor=None, address=None, cpus_per_run=Non
         return None
     settings = dict(suite=str(path), runs=str(runs), out=str(out), margin=suite["margin"],
                     executor=executor_settings, this_invocation_seconds=time.time() - began)
-    return write_report([(name, runs / name, out / name) for name, _ in studies], out, settings, readme=readme)
+    return write_report([name for name, _ in studies], runs, out, settings, readme=readme)
+
+
+def locations(path, runs=None, out=None):
+    """(the runs directory, the report directory) of the suite file at `path`: as given, else runs/<its name> and
+    figures/<its name>."""
+    stem = Path(path).stem
+    return Path(runs or Path("runs") / stem), Path(out or Path("figures") / stem)
+
+
+def report_again(path, runs=None, out=None, readme=None):
+    """The suite's report made again from its studies' reports (each study's report.json in OUT/<name>/), keeping
+    what the run recorded of its queue."""
+    import json
+    suite, entries = read_suite(path)
+    runs, out = locations(path, runs, out)
+    names = [name for name, _ in entries]
+    missing = [name for name in names if not (out / name / "report.json").exists()]
+    if missing:
+        raise AdapterError(f"no report for study {', '.join(missing)} in {out}: run the suite first")
+    before = out / "suite.json"
+    kept = {k: v for k, v in (json.loads(before.read_text())["settings"] if before.exists() else {}).items()
+            if k in ("executor", "this_invocation_seconds")}
+    return write_report(names, runs, out, dict(kept, suite=str(path), runs=str(runs), out=str(out),
+                                               margin=suite["margin"]), readme=readme)
 
 
 # ---- the suite's report -------------------------------------------------------------------------------------------
@@ -253,12 +277,12 @@ def claims_across(loaded, margin):
     return decide(rows)
 
 
-def write_report(studies, out, settings, readme=None, formats=("png", "pdf")):
-    """The suite's report from its studies' reports ([(name, runs dir, report dir)]): OUT/suite.{json,md,tex} and
-    the critical-difference diagram. Returns the dict written to suite.json."""
+def write_report(names, runs, out, settings, readme=None, formats=("png", "pdf")):
+    """The suite's report from its studies' reports (study `name`: runs in RUNS/name, report in OUT/name):
+    OUT/suite.{json,md,tex} and the critical-difference diagram. Returns the dict written to suite.json."""
     from analysis.figures import plot_cd_diagram
     from analysis.records import study_elapsed
-    loaded = [_load(*s) for s in studies]
+    loaded = [_load(name, Path(runs) / name, Path(out) / name) for name in names]
     t = suite_table(loaded)
     ranked = rankings(t)
     found = claims_across(loaded, settings["margin"])
@@ -317,19 +341,7 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.report_only:
-        suite, entries = read_suite(args.suite)
-        stem = Path(args.suite).stem
-        runs, out = Path(args.runs or Path("runs") / stem), Path(args.out or Path("figures") / stem)
-        missing = [name for name, _ in entries if not (out / name / "report.json").exists()]
-        if missing:
-            raise AdapterError(f"no report for study {', '.join(missing)} in {out}: run the suite first")
-        import json
-        before = out / "suite.json"  # the run's own record of its queue, kept when the report is made again
-        kept = {k: v for k, v in (json.loads(before.read_text())["settings"] if before.exists() else {}).items()
-                if k in ("executor", "this_invocation_seconds")}
-        result = write_report([(name, runs / name, out / name) for name, _ in entries], out,
-                              dict(kept, suite=str(args.suite), runs=str(runs), out=str(out), margin=suite["margin"]),
-                              readme=args.readme)
+        result = report_again(args.suite, args.runs, args.out, args.readme)
     else:
         result = run(args.suite, args.runs, args.out, args.executor, args.address, args.cpus_per_run,
                      args.gpus_per_run, report=not args.no_report, readme=args.readme)

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from analysis import hessian as hs
 from analysis import lanczos
-from analysis.landscape import forward_logits
+from adapters.evaluate import forward_logits
 from tests.test_landscape import MLP, _as_fft, _has, train_tiny
 
 
