@@ -96,6 +96,9 @@ def _save_peft(model, directory, layers, head_state, base_model, peft_task_type)
         modules_to_save=settings["head"] or None, task_type=peft_task_type,
         fan_in_fan_out=any(is_transposed(l.base) for l in layers.values()),
         base_model_name_or_path=models.resolve_model(base_model))
+    # PEFT keeps target_modules as a set, written in the order of Python's per-process string hash: sorted here,
+    # so the same run writes the same adapter_config.json (and the same weights digest) every time.
+    config.target_modules = sorted(layers)
     config.save_pretrained(str(directory))
     save_file(tensors, str(directory / PEFT_WEIGHTS))
 

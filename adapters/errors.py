@@ -16,14 +16,14 @@ class CheckpointError(AdapterError):
 
 
 def cli(main):
-    """Wrap a CLI `main(argv=None)`: AdapterError -> `error: ...` on stderr, exit status 2."""
+    """Wrap a CLI `main(argv=None)`, which returns its exit code: AdapterError -> `error: ...` on stderr, 2."""
     @wraps(main)
     def wrapped(argv=None):
         try:
             return main(argv)
         except AdapterError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            return 2
     return wrapped
 
 
@@ -42,4 +42,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
             return text  # a flag (store_true/false), or a default that is computed: its help says which
+        if isinstance(action.default, (tuple, list)):  # as it is typed: --formats md,png, --seeds 1 2 3
+            sep = "," if action.nargs is None else " "
+            return f"{text} (default: {sep.join(map(str, action.default))})"
         return f"{text} (default: %(default)s)"

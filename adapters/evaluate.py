@@ -6,22 +6,25 @@
 Every task type scores a batch per example as (summed loss, units, correct): the split's loss is Σ loss / Σ units
 (mean per-example cross-entropy for classifiers, per-token NLL of the completions for a causal LM), and each
 example's own loss is its summed loss / its units (what the bounds clip and take maxima of). The command prints
-loss and metric (accuracy, or perplexity for a causal LM) per split and writes them to CKPT/evaluation.json (for
-a model, ./evaluation.json; --out elsewhere).
+loss and metric (accuracy, or perplexity for a causal LM) per split and writes them to OUT/evaluate.json (+ the
+table as OUT/evaluate.md), OUT being --out, by default the checkpoint directory (for a model: ./evaluate).
 """
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from . import data, models, tasks
+from . import command, data, models, tasks
 from .checkpoint import read_meta
-from .errors import AdapterError, ArgumentParser, cli
-from .io import write_json
-from .taskspec import (TASK_OPTIONS, add_task_arguments, checkpoint_data, examples_arg, load_spec, resolve_spec,
-                       subset, task_options)
+from .errors import AdapterError, cli
+from .io import write_json, write_text
+from .settings import AT_LEAST_1, setting
+from .taskspec import (TASK_OPTIONS, DataChoice, checkpoint_data, examples_arg, load_spec, resolve_spec, subset,
+                       task_options)
 
 
 def batches(processor, examples, max_length, batch_size, task_type=tasks.CLASSIFICATION):
@@ -136,11 +139,16 @@ def _untrained(name, options, seed):
     return model, dict(spec, name=the_task.name, type=the_task.type, sha256=the_task.sha256), the_task
 
 
+def default_out(target):
+    """The command's output directory when --out is not given: the checkpoint's own, else ./evaluate."""
+    return Path(target) if _is_checkpoint(target) else Path("evaluate")
+
+
 def run(target, *, splits=SPLITS, examples=None, batch_size=32, seed=0, device=None, out=None, progress=True,
         **options):
     """Loss and metric per split of checkpoint `target` (its recorded task, or the one `options` name) or of the
-    untrained model `target` (a model name or transformers directory); written to `out` (default
-    CKPT/evaluation.json, else ./evaluation.json) and returned.
+    untrained model `target` (a model name or transformers directory); written to the JSON file `out` (default
+    default_out(target)/evaluate.json: CKPT/evaluate.json, else ./evaluate/evaluate.json) and returned.
 
     Each split: its first `examples` examples of a seeded permutation (all by default), in eval mode, fp32.
     """
@@ -174,7 +182,7 @@ def run(target, *, splits=SPLITS, examples=None, batch_size=32, seed=0, device=N
                                       progress=f"{split} ({len(rows)} examples)" if progress else None)))
         result["splits"][split] = {"examples": len(rows), "units": sum(ev["units"]), "loss": ev["loss"],
                                    "metric": kind.metric_of(ev), kind.metric: kind.metric_of(ev)}
-    out = Path(out) if out else (Path(target) / "evaluation.json" if result["checkpoint"] else Path("evaluation.json"))
+    out = Path(out) if out else default_out(target) / "evaluate.json"
     write_json(out, result)
     result["out"] = str(out)
     return result
@@ -187,29 +195,45 @@ def table(result):
     return "\n".join(lines)
 
 
-@cli
-def main(argv=None):
-    p = ArgumentParser(prog="python -m adapters.evaluate", description=__doc__.split("\n\n")[0])
+@dataclass(frozen=True)
+class EvaluateConfig(DataChoice):
+    """The settings of `python -m adapters.evaluate` (the data flags: taskspec.DataChoice)."""
+    splits: list[str] = setting(list(SPLITS), "the splits to evaluate", choices=SPLITS)
+    examples: Optional[int] = setting(None, "per split: the first N of a seeded permutation, or all (default: all)",
+                                      check=AT_LEAST_1, type=examples_arg, metavar="N|all")
+    batch_size: int = setting(32, "examples per forward pass", check=AT_LEAST_1)
+    seed: int = setting(0, "the example subset; an untrained classifier's head draw (as adapters.train --seed "
+                        "draws it)")
+    device: Optional[str] = command.device("the model runs")
+    out: Optional[str] = command.out(None, "evaluate.json, and evaluate.md with md in --formats (default: the "
+                                     "checkpoint directory, or ./evaluate for an untrained model)")
+    progress: bool = setting(True, "no progress bars", flag="--no-progress", results=False)
+    formats: tuple = command.formats(("md",))
+
+
+def parser():
+    p = command.parser("python -m adapters.evaluate", __doc__, EvaluateConfig)
     p.add_argument("target", metavar="CKPT|MODEL", help="a checkpoint directory (ours or a plain PEFT LoRA), or a "
                    "model (minilm, smollm2-135m, dinov2-small, a transformers directory or cached hub id) "
                    "evaluated untrained (on --task, default movie-reviews, or --data)")
-    add_task_arguments(p)
-    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="default: all three")
-    p.add_argument("--examples", type=examples_arg, default=None, help="per split: the first N of a seeded "
-                                                                       "permutation (default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="the example subset; an untrained classifier's head draw "
-                                                       "(as adapters.train --seed draws it)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", help="JSON file (default: CKPT/evaluation.json, or ./evaluation.json for a model)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    r = run(a.target, splits=a.splits, examples=a.examples, batch_size=a.batch_size, seed=a.seed, device=a.device,
-            out=a.out, progress=not a.no_progress, **task_options(a))
+    return p
+
+
+@cli
+def main(argv=None):
+    config, args = command.parse(parser(), EvaluateConfig, argv)
+    target = args["target"]
+    out = command.out_dir(config.out if config.out else default_out(target), "evaluate")
+    r = run(target, splits=config.splits, examples=config.examples, batch_size=config.batch_size, seed=config.seed,
+            device=config.device, out=out / "evaluate.json", progress=config.progress, **task_options(config))
     kind = "checkpoint" if r["checkpoint"] else "untrained model"
-    print(f"{kind} {r['target']} on {r['task']['name']} ({r['task']['type']})")
-    print(table(r))
-    print(f"wrote {r['out']}")
+    text = f"{kind} {r['target']} on {r['task']['name']} ({r['task']['type']})\n{table(r)}\n"
+    written = [r["out"]]
+    if "md" in config.formats:
+        write_text(out / "evaluate.md", text)
+        written.append(str(out / "evaluate.md"))
+    print(text, end="")
+    print(f"wrote {', '.join(written)}")
     return 0
 
 

@@ -12,6 +12,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import AdapterError
+
 
 def _umask_from_proc():
     """The umask as Linux (4.7 and later) says it in /proc/self/status, read without changing it; None elsewhere."""
@@ -106,3 +108,61 @@ def atomic_dir(path, overwrite=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class Journal:
+    """The one resume format of work done item by item (analysis.spectral's matrices, analysis.landscape's grid
+    points): a JSON-lines file whose first line is the fingerprint of what the items are of (the settings, the
+    checkpoint) and each next line one finished item, {"key": ..., "value": ...}, appended and flushed as it
+    finishes. A rerun reads the items back and does only the rest; a journal of another fingerprint is refused (its
+    items are never mixed in); a torn last line (a kill mid-write) is ignored. `finish()` removes it once the
+    result is written. (Training's resumable state is a snapshot of tensors and random states, adapters.train.)"""
+
+    def __init__(self, file, fingerprint):
+        # as it reads back from JSON (tuples become lists), so a rerun's own fingerprint compares equal
+        self.file, self.fingerprint, self.unsynced = Path(file), json.loads(json.dumps(fingerprint)), 0
+
+    def done(self, other_settings="rerun with --fresh to discard it, or use another --out"):
+        """{key: value} of the items already finished (none without a file); AdapterError for another
+        fingerprint, naming the settings that differ and `other_settings`, what to do."""
+        if not self.file.exists():
+            return {}
+        lines = self.file.read_text().splitlines()
+        try:
+            head = json.loads(lines[0])["fingerprint"] if lines else self.fingerprint
+        except (ValueError, KeyError, TypeError):
+            head = None
+        if head != self.fingerprint:
+            ours, theirs = self.fingerprint or {}, head if isinstance(head, dict) else {}
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)) or ["all"]
+            raise AdapterError(f"{self.file} holds partial results made with other settings ({', '.join(diff)}); "
+                               f"{other_settings}")
+        items = {}
+        for line in lines[1:]:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue  # torn by a kill mid-write: that item is done again
+            items[item["key"]] = item["value"]
+        return items
+
+    def add(self, key, value, sync_every=1):
+        """Append one finished item (flushed; on disk, fsync, every `sync_every` items and at close)."""
+        new = not self.file.exists()
+        if new:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "a") as f:
+            if new:
+                f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+            f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+            self.unsynced += 1
+            if self.unsynced >= sync_every:
+                os.fsync(f.fileno())
+                self.unsynced = 0
+
+    def finish(self):
+        """The result is written: the journal goes (and its directory, when that is left empty)."""
+        self.file.unlink(missing_ok=True)
+        if self.file.parent.exists() and not any(self.file.parent.iterdir()):
+            self.file.parent.rmdir()

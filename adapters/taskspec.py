@@ -1,54 +1,59 @@
 """Which examples a command evaluates a checkpoint on: the task it records, or the user's (--task / --data).
 
-    add_task_arguments(parser)          # --task --data --n-train --n-val --n-test --val-fraction --max-length
-    spec, the_task = checkpoint_data(CKPT, **task_options(args))   # refused if the model cannot take those examples
+    class EvaluateConfig(DataChoice): ...                           # --task --data --n-train ... --max-length
+    spec, the_task = checkpoint_data(CKPT, **task_options(config))  # refused if the model cannot take those examples
 
 One definition of the data flags for every command that reads a task (adapters.train, adapters.evaluate,
 analysis.landscape, analysis.hessian, bounds), so each means the same everywhere.
 """
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from . import data, tasks
 from .checkpoint import read_meta
 from .errors import AdapterError
+from .settings import AT_LEAST_1, FRACTION, NON_NEGATIVE, setting
 
 
 MAX_LENGTH = 64  # tokens per example: adapters.train's default, and where a checkpoint records none
 # The flags (and train()'s argument names) that say which examples a command reads and how they are cut.
 TASK_OPTIONS = ("task", "data_file", "n_train", "n_val", "n_test", "val_fraction", "max_length")
+DATA_GROUP = "data (default: the checkpoint's own task)"
 
 
-def add_task_arguments(parser, defaults=None):
-    """--task, --data, --n-train, --n-val, --n-test, --val-fraction, --max-length: one definition for every command
-    that reads a task (dests: adapters.train's argument names). `defaults`: {task, val_fraction, max_length} for a
-    command that trains (its formatter shows them); None for one on a checkpoint, where each flag left out keeps
-    what the checkpoint records (a plain PEFT directory records no task: --task or --data names one, and --data's
-    rows are then split as adapters.train splits them)."""
-    d = defaults or {}
-    of = "" if defaults else " (default: the checkpoint's)"
-    g = parser.add_argument_group("data" if defaults else "data (default: the checkpoint's own task)")
-    g.add_argument("--task", default=d.get("task"), help="built-in task: movie-reviews, product-reviews, editorials, "
-                   "tweets (sentiment classification), movie-dialog (causal LM), fashion-mnist (images)" + of)
-    g.add_argument("--data", dest="data_file", help="your data: CSV/TSV/JSONL with text,label or prompt,completion "
-                   "columns (optional split), or an ImageFolder directory"
-                   + (" (default: none, the built-in --task)" if defaults else ""))
-    for split, what in (("train", "training"), ("val", "validation"), ("test", "test")):
-        g.add_argument(f"--n-{split}", type=int, help=f"use the first N {what} examples of the fixed split"
-                       + (" (default: all)" if defaults else of))
-    g.add_argument("--val-fraction", type=float, default=d.get("val_fraction"),
-                   help="share of the training split held out for validation when the data has none (0: none)"
-                        + ("" if defaults else f"{of[:-1]}, else {data.VAL_FRACTION})"))
-    g.add_argument("--max-length", type=int, default=d.get("max_length"), help="tokens per example, after truncation"
-                   + ("" if defaults else f"{of[:-1]}, else {MAX_LENGTH})"))
-    return g
+TASKS_HELP = ("built-in task: movie-reviews, product-reviews, editorials, tweets (sentiment classification), "
+              "movie-dialog (causal LM), fashion-mnist (images)")
+DATA_HELP = ("your data: CSV/TSV/JSONL with text,label or prompt,completion columns (optional split), or an "
+             "ImageFolder directory")
+SIZE_HELP = "use the first N {} examples of the fixed split"
+VAL_FRACTION_HELP = "share of the training split held out for validation when the data has none (0: none)"
+MAX_LENGTH_HELP = "tokens per example, after truncation"
+_OF = " (default: the checkpoint's)"
 
 
-def task_options(args):
-    """The TASK_OPTIONS of parsed arguments, as keywords for task_spec / checkpoint_batches."""
-    return {k: getattr(args, k) for k in TASK_OPTIONS}
+@dataclass(frozen=True)
+class DataChoice:
+    """The examples a command on a checkpoint reads (the flags of TASK_OPTIONS): each one left out keeps what the
+    checkpoint records (a plain PEFT directory records no task: --task or --data names one, and --data's rows are
+    then split as adapters.train splits them). A command's settings dataclass extends it."""
+    task: Optional[str] = setting(None, TASKS_HELP + _OF, group=DATA_GROUP)
+    data_file: Optional[str] = setting(None, DATA_HELP, flag="--data", group=DATA_GROUP)
+    n_train: Optional[int] = setting(None, SIZE_HELP.format("training") + _OF, check=AT_LEAST_1, group=DATA_GROUP)
+    n_val: Optional[int] = setting(None, SIZE_HELP.format("validation") + _OF, check=NON_NEGATIVE, group=DATA_GROUP)
+    n_test: Optional[int] = setting(None, SIZE_HELP.format("test") + _OF, check=AT_LEAST_1, group=DATA_GROUP)
+    val_fraction: Optional[float] = setting(None, f"{VAL_FRACTION_HELP} (default: the checkpoint's, else "
+                                            f"{data.VAL_FRACTION})", check=FRACTION, group=DATA_GROUP)
+    max_length: Optional[int] = setting(None, f"{MAX_LENGTH_HELP} (default: the checkpoint's, else {MAX_LENGTH})",
+                                        check=AT_LEAST_1, group=DATA_GROUP)
+
+
+def task_options(settings):
+    """The TASK_OPTIONS of a settings object (or parsed arguments), as keywords for task_spec / checkpoint_batches."""
+    return {k: getattr(settings, k) for k in TASK_OPTIONS}
 
 
 def task_spec(path, **options):

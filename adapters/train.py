@@ -16,7 +16,6 @@ share); one learning-rate schedule runs over the whole run.
 always runs in fp32 eval mode, so it is what a fresh evaluation of the loaded checkpoint gives.
 """
 import functools
-import inspect
 import json
 import math
 import os
@@ -28,20 +27,23 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import torch
 import yaml
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, evaluate, example_losses, models, pairing, tasks, taskspec
+from . import checkpoint, command, data, evaluate, example_losses, models, pairing, tasks, taskspec
 from .chain import link_boundaries
-from .config import parse_args_with_config
-from .errors import AdapterError, ArgumentParser, HelpFormatter, cli
+from .errors import AdapterError, cli
 from .inject import adapted_layers, apply, next_link, param_groups
 from .io import write_json, write_text
 from .methods import CHAIN_LENGTH, METHODS, get_method, method_table, one_link_note, resolve_chain_length
+from .settings import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check, make, setting, shaping
 from .stopping import KEEP, LinkByLink, finish_chain
 from .tracking import installed_monitor, log_scalars, start_monitor, tracker_config, tracker_names
 
@@ -51,20 +53,92 @@ STATE = "state.pt"  # the resumable state, in OUT.partial/
 STATE_VERSION = 4  # bump when the resumable state changes: an older state.pt is refused, not misread
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-# The range of every numeric argument of train() (None = not given, where it may be). The adapter's own
-# arguments (rank, alpha, chain_length, dropout, targets) are checked by `apply`, before anything is written.
-_AT_LEAST_1, _POSITIVE, _NON_NEGATIVE = (">= 1", lambda v: v >= 1), ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0)
-_FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
-RANGES = dict(epochs=_POSITIVE, max_steps=_AT_LEAST_1, lr=_POSITIVE, lr_ratio=_POSITIVE, weight_decay=_NON_NEGATIVE,
-              warmup=_FRACTION, grad_clip=_NON_NEGATIVE, batch_size=_AT_LEAST_1, max_length=_AT_LEAST_1,
-              n_train=_AT_LEAST_1, n_val=_AT_LEAST_1, n_test=_AT_LEAST_1, val_fraction=_FRACTION,
-              head_lr_mult=_POSITIVE, eval_every=_AT_LEAST_1, eval_examples=_AT_LEAST_1, save_every=_AT_LEAST_1,
-              save_trajectory=_NON_NEGATIVE, patience=_AT_LEAST_1, min_delta=_NON_NEGATIVE)
-# Arguments that do not change what a run computes: a resumed run may differ in these only.
-NOT_RESULTS = ("out", "resume", "overwrite", "save_every", "monitor", "on_step", "progress", "report_to",
-               "logging_dir")
+DEVICES = ("cpu", "cuda")  # accelerate places a run: which GPU is CUDA_VISIBLE_DEVICES' (or accelerate launch's)
 CONFIG = "config.yaml"  # the run's resolved settings, in the checkpoint: `--config` it (with --out) to rerun it
+
+_CHAINED = ", ".join(name for name, m in METHODS.items() if m.chain_length > 1)
+_TRAINS_BASE = ", ".join(name for name, m in METHODS.items() if m.trains_base)
+_DATA = "data"
+
+
+def _by_method(value, default):
+    """'name v, ...' for the methods whose `value(method)` is not `default` (for --help)."""
+    return ", ".join(f"{name} {value(m):g}" for name, m in METHODS.items() if value(m) != default)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run: the CLI's flags, their ranges, config.yaml and which settings shape the run
+    (results=True: recorded in OUT/config.yaml and shared by a resumed run with the state it resumes) all come from
+    these fields. The field order is config.yaml's key order."""
+    model: str = setting("minilm", f"offline model ({', '.join(models.OFFLINE_MODELS)}), a transformers directory or "
+                         "a cached hub id")
+    task: str = setting(data.MOVIE_REVIEWS, taskspec.TASKS_HELP, group=_DATA)
+    data_file: Optional[str] = setting(None, taskspec.DATA_HELP + " (default: none, the built-in --task)",
+                                       flag="--data", group=_DATA)
+    method: str = setting("cla", "one of the methods below")
+    rank: int = setting(16, "rank r of each link")
+    alpha: float = setting(32, "scale s = alpha / r")
+    targets: Optional[list[str]] = setting(None, "module names, dotted suffixes, regexes or all-linear (default: the "
+                                           "query and value projections of the model's family)")
+    chain_length: Optional[int] = setting(None, f"links k of a chained method (default: the method's, {CHAIN_LENGTH} "
+                                          f"for {_CHAINED}; 1 for the others)")
+    epochs: float = setting(1.0, "passes over the training split", check=POSITIVE)
+    max_steps: Optional[int] = setting(None, "optimizer steps (default: --epochs of the training split)",
+                                       check=AT_LEAST_1)
+    lr: Optional[float] = setting(None, f"default {DEFAULT_LR[False]:g} ({DEFAULT_LR[True]:g} for the methods that "
+                                  f"train the pretrained weights: {_TRAINS_BASE})", check=POSITIVE)
+    lr_ratio: Optional[float] = setting(None, "lr_B / lr_A (default: the method's, "
+                                        f"{_by_method(lambda m: m.adapter.lr_ratio if m.adapter else 1.0, 1.0)}; "
+                                        "1 for the others)", check=POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW's", check=NON_NEGATIVE)
+    warmup: float = setting(0.06, "warmup fraction of the run", check=FRACTION)
+    grad_clip: float = setting(1.0, "max gradient norm (0: no clipping)", check=NON_NEGATIVE)
+    batch_size: int = setting(16, "global batch size", check=AT_LEAST_1)
+    max_length: int = setting(taskspec.MAX_LENGTH, taskspec.MAX_LENGTH_HELP, check=AT_LEAST_1, group=_DATA)
+    seed: int = setting(0, "every random draw: selectors, head, data order, dropout")
+    out: str = setting("ckpt", "the checkpoint directory", results=False, metavar="DIR")
+    save_trajectory: int = setting(0, "N snapshots of trained params", check=NON_NEGATIVE, metavar="N")
+    resume: bool = setting(False, "continue from OUT.partial/ if present", results=False)
+    overwrite: bool = setting(False, "replace a non-empty --out directory", results=False)
+    n_train: Optional[int] = setting(None, taskspec.SIZE_HELP.format("training") + " (default: all)",
+                                     check=AT_LEAST_1, group=_DATA)
+    n_val: Optional[int] = setting(None, taskspec.SIZE_HELP.format("validation") + " (default: all)",
+                                   check=AT_LEAST_1, group=_DATA)
+    n_test: Optional[int] = setting(None, taskspec.SIZE_HELP.format("test") + " (default: all)", check=AT_LEAST_1,
+                                    group=_DATA)
+    val_fraction: float = setting(data.VAL_FRACTION, taskspec.VAL_FRACTION_HELP, check=FRACTION, group=_DATA)
+    head_lr_mult: Optional[float] = setting(None, "a new head's lr = this × lr (default: the method's, "
+                                            f"{_by_method(lambda m: m.head_lr_mult, 1.0)}; 1 for the others and for "
+                                            "a pretrained head)", check=POSITIVE)
+    group_by_length: bool = setting(True, "plain shuffled batches instead of batches of similar length",
+                                    flag="--no-group-by-length")
+    eval_every: Optional[int] = setting(None, f"steps between mid-run evaluations (default: {EVALS_PER_RUN} per run)",
+                                        check=AT_LEAST_1)
+    eval_examples: int = setting(512, "validation examples each mid-run evaluation uses (the final one uses every "
+                                 "split in full)", check=AT_LEAST_1)
+    save_every: Optional[int] = setting(None, "write resumable state every N steps (to OUT.partial/; default: never)",
+                                        check=AT_LEAST_1, results=False)
+    dropout: float = setting(0.0, "LoRA dropout p on the adapter path (PEFT lora_dropout)")
+    early_stopping: bool = setting(False, "stop after --patience evaluations without a lower validation loss (the "
+                                   "cap: --max-steps or --epochs); a chain converges link by link: each link stops on "
+                                   "its own patience or at its share of the cap, its best weights go on into the next "
+                                   "link, and the last link ends the run")
+    patience: int = setting(3, "evaluations without an improvement before stopping", check=AT_LEAST_1)
+    min_delta: float = setting(0.0, "an improvement lowers the best validation loss by more than this",
+                               check=NON_NEGATIVE)
+    keep: Optional[str] = setting(None, "weights tested and saved: best (the best validation evaluation's; the "
+                                  "default with --early-stopping) or final (the default without)", choices=KEEP)
+    mixed_precision: Optional[str] = setting(None, "autocast for training (default: accelerate's, "
+                                             "ACCELERATE_MIXED_PRECISION or no); the final evaluation is fp32",
+                                             choices=MIXED_PRECISION)
+    report_to: str = setting("none", "tensorboard, wandb, trackio, all or none: losses, lr, validation metric and "
+                             "diagnostics at each evaluation, via accelerate's trackers", results=False)
+    logging_dir: Optional[str] = setting(None, "where trackers write (default: OUT.logs/)", results=False)
+    device: Optional[str] = setting(None, "cpu or cuda (default: cuda if available, else cpu; which GPUs: "
+                                    "CUDA_VISIBLE_DEVICES, several: accelerate launch)", choices=DEVICES,
+                                    results=False)
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", results=False)
 
 
 def snapshot(model):
@@ -205,30 +279,7 @@ def _stopping_stats(watch, early_stopping, keep, stopped_at, kept_step, cap, eva
                                     min_delta=watch.min_delta, eval_every=eval_every, on=mid_run))
 
 
-def check_arguments(args):
-    """Refuse bad arguments before anything is read, loaded or written (one line each)."""
-    get_method(args["method"])
-    for name, (text, ok) in RANGES.items():
-        value = args[name]
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
-            raise AdapterError(f"{name} must be {text}, got {value!r}")
-    if args["mixed_precision"] not in (None, *MIXED_PRECISION):
-        raise AdapterError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                           f"got {args['mixed_precision']!r}")
-    if args["data_file"] and not Path(args["data_file"]).exists():
-        raise AdapterError(f"data file not found: {args['data_file']}")
-    out = Path(args["out"])
-    for path in (out, out.with_name(out.name + ".partial")):
-        if path.exists() and not path.is_dir():
-            raise AdapterError(f"output path {path} exists and is not a directory")
-    parent = next(p for p in out.parents if p.exists())  # the filesystem root always exists
-    if not parent.is_dir():
-        raise AdapterError(f"cannot create output directory {out}: {parent} is a file")
-    if out.exists() and any(out.iterdir()) and not args["overwrite"]:
-        raise AdapterError(f"output directory {out} exists and is not empty (use --overwrite)")
-
-
-def _accelerator(mixed_precision, log_with=(), project_dir=None):
+def _accelerator(mixed_precision, log_with=(), project_dir=None, cpu=False):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -238,8 +289,8 @@ def _accelerator(mixed_precision, log_with=(), project_dir=None):
     AcceleratorState._reset_state()
     # Buffers (selectors, folded links) are identical on every process by construction; DDP need
     # not broadcast them, and they change shape when a link ends.
-    # cpu=True when there is no GPU: accelerate only sets up multi-process CPU (gloo) training then.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+    # cpu=True when there is no GPU (or --device cpu): accelerate only sets up multi-process CPU (gloo) training then.
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
                               log_with=list(log_with) or None, project_dir=project_dir,
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -250,261 +301,335 @@ def _accelerator(mixed_precision, log_with=(), project_dir=None):
     return accelerator
 
 
-def train(model="minilm", task="movie-reviews", data_file=None, method="cla", rank=16, alpha=32, targets=None,
-          chain_length=None, epochs=1.0, max_steps=None, lr=None, lr_ratio=None, weight_decay=0.0, warmup=0.06,
-          grad_clip=1.0, batch_size=16, max_length=taskspec.MAX_LENGTH, seed=0, out="ckpt", save_trajectory=0,
-          resume=False, overwrite=False, n_train=None, n_val=None, n_test=None, val_fraction=data.VAL_FRACTION,
-          head_lr_mult=None, group_by_length=True, eval_every=None, eval_examples=512, save_every=None, dropout=0.0,
-          early_stopping=False, patience=3, min_delta=0.0, keep=None, mixed_precision=None, report_to="none",
-          logging_dir=None, monitor=None, on_step=None, progress=True):
-    """Fine-tune and write a checkpoint to `out`; returns training_stats (also in out/training_stats.json).
+def check_arguments(config):
+    """Refuse bad settings before anything is read, loaded or written (one line each): the fields' ranges and
+    choices, then what needs the filesystem. The adapter's own settings (rank, alpha, chain_length, dropout, targets)
+    are checked by `apply`, before anything is written."""
+    get_method(config.method)
+    check(config)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise AdapterError("device cuda asked for, but no GPU is available here")
+    if config.data_file and not Path(config.data_file).exists():
+        raise AdapterError(f"data file not found: {config.data_file}")
+    out = Path(config.out)
+    for path in (out, out.with_name(out.name + ".partial")):
+        if path.exists() and not path.is_dir():
+            raise AdapterError(f"output path {path} exists and is not a directory")
+    parent = next(p for p in out.parents if p.exists())  # the filesystem root always exists
+    if not parent.is_dir():
+        raise AdapterError(f"cannot create output directory {out}: {parent} is a file")
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise AdapterError(f"output directory {out} exists and is not empty (use --overwrite)")
 
-    `chain_length`: the number of links k; None = the method's (methods.CHAIN_LENGTH for a chained method, 1 for
-    the others), recorded as resolved. k = 1 for a chained method is its non-chained twin: said on stderr.
-    `dropout`: LoRA dropout p on the adapter path (PEFT's lora_dropout). `mixed_precision`: "no", "fp16" or
-    "bf16" autocast for training; None = accelerate's default (ACCELERATE_MIXED_PRECISION, else "no").
-    The validation split (`val_fraction` of the training split unless the data has one; `n_val` caps it) is what
-    the mid-run evaluations in `history` use and is evaluated at the end beside train and test; test is never
-    looked at before the end. `head_lr_mult`: the head's lr multiplier (default: the method's, 10 for fft and
-    head-only). `group_by_length`: batches of similar length (less padding, same examples per epoch).
-    `report_to`: tensorboard, wandb, trackio, all or none (accelerate's trackers, logs under `logging_dir`, default
-    OUT.logs/): at each evaluation the running loss, lr, validation loss and metric, and the values of `monitor`.
-    `monitor(model, step) -> {name: float}`: the hook of adapters.tracking, called at each evaluation; with
-    trackers and no monitor given, the installed one (analysis.monitor.Diagnostics: intruders, ‖ΔW‖, stable rank,
-    the MI bound so far). OUT/config.yaml records these arguments, less those in NOT_RESULTS (the CLI's flags are
-    exactly these arguments).
-    `early_stopping`: stop after `patience` validation evaluations (every `eval_every` steps, on the mid-run
-    evaluation's examples) without a validation loss lower than the best by more than `min_delta`; the cap is
-    max_steps (or epochs). A chained method converges link by link (adapters.stopping): each link trains until its
-    own validation loss stops improving (patience evaluations, counted every `eval_every` steps from the link's
-    start and at its end) or until its share of the cap (round(j·T/k) − round((j−1)·T/k) steps), its best weights
-    are restored and folded, and the next link starts from them; the last link ends the run. Without early
-    stopping a chain's links end at the fixed shares. `keep`: "best" (the default with early stopping) tests and
-    saves the weights of the best evaluation over every link (a best in link j < k: the later links untrained),
-    "final" (the default without) the last ones. Recorded: stopped_at, best_step, best_link, links (per link: its
-    start, end, best and how it ended), converged, kept; adapters_meta.json's link_boundaries are the folds made.
-    `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
-    Bad arguments raise AdapterError before anything is written; an existing OUT.partial/ is kept until
-    the run has set up successfully.
+
+def train(config=None, /, *, monitor=None, on_step=None, **settings):
+    """Fine-tune and write a checkpoint to `config.out`; returns training_stats (also in OUT/training_stats.json).
+
+    `config`: a TrainConfig (its fields are the settings, each with its meaning); keyword `settings` replace fields
+    of it (or of the defaults): `train(method="c3la", chain_length=3, out="ckpt/c3la")`.
+    `monitor(model, step) -> {name: float}`: the hook of adapters.tracking, called at each evaluation; with trackers
+    and no monitor given, the installed one (analysis.monitor.Diagnostics: intruders, ‖ΔW‖, stable rank, the MI
+    bound so far). `on_step(step)` is called after each optimizer step (a hook for logging, or to stop a run).
+
+    The steps, each below: resolve and check the settings; set up (data, model, method, optimizer, schedule);
+    resume or start; the loop; the final evaluation; writing. The validation split is what the mid-run evaluations
+    use; test is never looked at before the end. A chained method's links end at equal shares of the run, or with
+    early_stopping when the link converges (adapters.stopping; at most its share); keep="best" (the default with
+    early stopping) tests and saves the weights of the best evaluation over every link, "final" the last ones.
+    OUT/config.yaml records the settings that shape the run, resolved. Bad settings raise AdapterError before
+    anything is written; an existing OUT.partial/ is kept until the run has set up successfully.
     """
-    args = dict(locals())  # exactly the arguments: checked here, and recorded in the resumable state
+    config = _resolve(make(TrainConfig, config, **settings))
+    run = _set_up(config)
+    loop = _start(run, config)
+    monitor = _start_tracking(run, config, monitor)
+    _train_loop(run, config, loop, monitor, on_step)
+    # The final evaluation is in the weights' own precision (fp32): accelerate's autocast wrapper comes off, so it
+    # is what a fresh load of the checkpoint evaluates to.
+    inner = run.accelerator.unwrap_model(run.net, keep_fp32_wrapper=False)
+    kept = _keep_weights(inner, run.watch, config.keep, loop.step)
+    evs, stats = _final_evaluation(run, config, loop, inner, kept[0])
+    if run.accelerator.is_main_process:
+        _write(run, config, loop, inner, evs, stats, kept[1])
+    if run.trackers:
+        log_scalars(run.accelerator, {f"final/{k}": v for k, v in stats.items()
+                                      if k.endswith(("_loss", "_metric", "_gap")) and isinstance(v, (int, float))},
+                    run.total)
+        run.accelerator.end_training()
+    run.accelerator.wait_for_everyone()
+    return stats
+
+
+def _resolve(config):
+    """The settings checked, with chain_length (methods.resolve_chain_length) and keep (best with early stopping,
+    else final) resolved: the values the run records."""
+    check_arguments(config)
+    chain_length = resolve_chain_length(config.method, config.chain_length)
+    return replace(config, chain_length=chain_length,
+                   keep=config.keep or ("best" if config.early_stopping else "final"))
+
+
+class _Run(SimpleNamespace):
+    """What set-up makes and the rest of the run reads: the accelerator, the task and its type, the model and its
+    optimizer and schedule, the step plan (total, links' boundaries and caps, evaluations, snapshots)."""
+
+
+@dataclass
+class _Loop:
+    """What the loop changes, all of it in the resumable state: the step, the history of mid-run evaluations, the
+    step times, the running losses since the last evaluation, the steps links ended after, the snapshots saved."""
+    step: int = 0
+    history: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)
+    running: list = field(default_factory=list)
+    folds: list = field(default_factory=list)
+    snapshots: dict = field(default_factory=dict)
+    stopped: bool = False
+
+
+def _set_up(c):
+    """Data, model, method, optimizer and schedule, in the order that draws the seed's random numbers."""
     from accelerate.utils import set_seed
-
-    check_arguments(args)
-    args["chain_length"] = chain_length = resolve_chain_length(method, chain_length)  # recorded as resolved
-    if keep not in (None, *KEEP):
-        raise AdapterError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
-    args["keep"] = keep = keep or ("best" if early_stopping else "final")  # recorded as resolved
-    out = Path(out)
-    spec = get_method(method)
-    partial = out.with_name(out.name + ".partial")
-    if lr is None:
-        lr = DEFAULT_LR[spec.trains_base]
-
-    trackers = tracker_names(report_to)
-    logging_dir = Path(logging_dir) if logging_dir else out.with_name(out.name + ".logs")
-    accelerator = _accelerator(mixed_precision, trackers, logging_dir if trackers else None)
-    note = one_link_note(method, chain_length)
+    r = _Run(spec=get_method(c.method), out=Path(c.out), trackers=tracker_names(c.report_to))
+    r.partial = r.out.with_name(r.out.name + ".partial")
+    r.lr = c.lr if c.lr is not None else DEFAULT_LR[r.spec.trains_base]
+    logging_dir = Path(c.logging_dir) if c.logging_dir else r.out.with_name(r.out.name + ".logs")
+    r.accelerator = accelerator = _accelerator(c.mixed_precision, r.trackers, logging_dir if r.trackers else None,
+                                               cpu=c.device == "cpu" or not torch.cuda.is_available())
+    note = one_link_note(c.method, c.chain_length)
     if note and accelerator.is_main_process:
         print(f"note: {note}", file=sys.stderr)
-    if batch_size % accelerator.num_processes:
-        raise AdapterError(f"batch_size {batch_size} must divide over {accelerator.num_processes} processes")
-    set_seed(seed)  # dropout draws from the global RNG: same seed, same run
-    the_task = data.load_task(task, data_file, n_train=n_train, n_val=n_val, n_test=n_test, val_fraction=val_fraction)
-    if (early_stopping or keep == "best") and not the_task.val:
+    if c.batch_size % accelerator.num_processes:
+        raise AdapterError(f"batch_size {c.batch_size} must divide over {accelerator.num_processes} processes")
+    set_seed(c.seed)  # dropout draws from the global RNG: same seed, same run
+    r.task = data.load_task(c.task, c.data_file, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
+                            val_fraction=c.val_fraction)
+    if (c.early_stopping or c.keep == "best") and not r.task.val:
         raise AdapterError("early stopping and keep=best need a validation split (val_fraction > 0, or a split "
                            "column with validation rows)")
-    kind = tasks.get_task_type(the_task.type)
-    tasks.check_model(kind, model, models.model_family(model))
-    processor = models.load_processor(model)
-    net = models.load_model(model, num_labels=len(the_task.labels or ()), seed=seed, auto_class=kind.auto_class)
+    r.kind = kind = tasks.get_task_type(r.task.type)
+    tasks.check_model(kind, c.model, models.model_family(c.model))
+    r.processor = models.load_processor(c.model)
+    net = models.load_model(c.model, num_labels=len(r.task.labels or ()), seed=c.seed, auto_class=kind.auto_class)
     # The new head as drawn from the seed, before the method is applied: the same for every method (pairing).
-    head_init = pairing.head_digest(net, models.head_names(net)) if kind.new_head else None
-    head = kind.trained_head(net, spec)
-    base_hash = models.weights_hash(net, exclude=kind.hash_exclude(head))
-    apply(net, method, rank=rank, alpha=alpha, targets=targets, chain_length=chain_length, seed=seed, dropout=dropout,
-          head=head)
-    if head_lr_mult is None:  # the paper's 10x is for a new head; a pretrained one (an LM's) trains at the base lr
-        head_lr_mult = spec.head_lr_mult if kind.new_head else 1.0
-    groups = param_groups(net, lr, weight_decay, lr_ratio, head_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    r.head_init = pairing.head_digest(net, models.head_names(net)) if kind.new_head else None
+    head = kind.trained_head(net, r.spec)
+    r.base_hash = models.weights_hash(net, exclude=kind.hash_exclude(head))
+    apply(net, c.method, rank=c.rank, alpha=c.alpha, targets=c.targets, chain_length=c.chain_length, seed=c.seed,
+          dropout=c.dropout, head=head)
+    # the paper's 10x is for a new head; a pretrained one (an LM's) trains at the base lr
+    r.head_lr_mult = c.head_lr_mult if c.head_lr_mult is not None else (r.spec.head_lr_mult if kind.new_head else 1.0)
+    r.groups = param_groups(net, r.lr, c.weight_decay, c.lr_ratio, r.head_lr_mult)
+    r.net, r.optimizer = net, torch.optim.AdamW(r.groups, lr=r.lr, weight_decay=c.weight_decay)
 
-    steps_per_epoch = math.ceil(len(the_task.train) / batch_size)
-    total = max_steps if max_steps is not None else max(1, round(epochs * steps_per_epoch))
-    boundaries = link_boundaries(total, chain_length)
+    r.steps_per_epoch = math.ceil(len(r.task.train) / c.batch_size)
+    r.total = total = c.max_steps if c.max_steps is not None else max(1, round(c.epochs * r.steps_per_epoch))
+    r.boundaries = link_boundaries(total, c.chain_length)
     # With early stopping a chain converges link by link (adapters.stopping): each link ends on its own patience or
     # at its share of the cap, and the next one starts there. Otherwise links end at the fixed shares (boundaries).
-    by_link, caps = early_stopping and chain_length > 1, _link_caps(total, chain_length)
-    warmup_steps = round(warmup * total)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+    r.by_link, r.caps = c.early_stopping and c.chain_length > 1, _link_caps(total, c.chain_length)
+    warmup_steps = round(c.warmup * total)
+    r.schedule = torch.optim.lr_scheduler.LambdaLR(r.optimizer, lambda s: min(
         (s + 1) / max(1, warmup_steps), max(0.0, (total - s) / max(1, total - warmup_steps))))
-    eval_every = eval_every or max(1, total // EVALS_PER_RUN)
-    trajectory_steps = sorted({round(total * (i + 1) / save_trajectory) for i in range(save_trajectory)})
-    snapshots, history, step_times, running, step, folds = {}, [], [], [], 0, []  # folds: steps links ended after
-    watch = LinkByLink(chain_length, patience if early_stopping else math.inf, min_delta, keep == "best", by_link)
-    stopped = False
+    r.eval_every = c.eval_every or max(1, total // EVALS_PER_RUN)
+    r.trajectory_steps = sorted({round(total * (i + 1) / c.save_trajectory) for i in range(c.save_trajectory)})
+    r.watch = LinkByLink(c.chain_length, c.patience if c.early_stopping else math.inf, c.min_delta,
+                         c.keep == "best", r.by_link)
     # What a resumed run must share with the state it resumes (the precision as accelerate resolved it).
-    results_args = {**{k: v for k, v in args.items() if k not in NOT_RESULTS},
-                    "mixed_precision": accelerator.mixed_precision}
+    r.results_args = {**shaping(c), "mixed_precision": accelerator.mixed_precision}
+    return r
 
-    # Resume: replay the links already ended (they change buffer shapes), then load the saved state.
-    state_file = partial / STATE
-    state = _read_state(state_file, results_args) if resume and state_file.exists() else None
+
+def _start(r, c):
+    """A fresh loop, or the resumed one: the links already ended are replayed (they change buffer shapes), then the
+    saved model, optimizer, schedule, random states and loop are loaded. Then accelerate wraps the model."""
+    loop, accelerator = _Loop(), r.accelerator
+    state_file = r.partial / STATE
+    state = _read_state(state_file, r.results_args) if c.resume and state_file.exists() else None
     if state is not None:
         for _ in state["folds"]:
-            next_link(net)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+            next_link(r.net)
+        r.net.load_state_dict(state["model"])
+        r.optimizer.load_state_dict(state["optimizer"])
+        r.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["py_rng"])
-        step, history, step_times, running = state["step"], state["history"], state["step_times"], state["running"]
-        folds = list(state["folds"])
-        snapshots = {s: None for s in state["snapshot_steps"]}  # the files are already in partial/
-        watch.load_state_dict(state["stopping"])
-    elif resume and partial.exists():  # nothing at all to resume is the normal first run: say nothing then
-        accelerator.print(f"no resumable state in {partial}; starting from step 0")
-    elif partial.exists() and accelerator.is_main_process:
-        shutil.rmtree(partial)  # a fresh run: the old state and snapshots are not ours (only now: set-up worked)
+        loop = _Loop(step=state["step"], history=state["history"], step_times=state["step_times"],
+                     running=state["running"], folds=list(state["folds"]),
+                     snapshots={s: None for s in state["snapshot_steps"]})  # the files are already in partial/
+        r.watch.load_state_dict(state["stopping"])
+    elif c.resume and r.partial.exists():  # nothing at all to resume is the normal first run: say nothing then
+        accelerator.print(f"no resumable state in {r.partial}; starting from step 0")
+    elif r.partial.exists() and accelerator.is_main_process:
+        shutil.rmtree(r.partial)  # a fresh run: the old state and snapshots are not ours (only now: set-up worked)
     accelerator.wait_for_everyone()
 
-    net, optimizer = accelerator.prepare(net, optimizer)
-    inner = accelerator.unwrap_model(net)  # still under the training precision (autocast), for mid-run evals
+    r.net, r.optimizer = accelerator.prepare(r.net, r.optimizer)
+    r.inner = accelerator.unwrap_model(r.net)  # still under the training precision (autocast), for mid-run evals
     if state is not None and accelerator.scaler is not None:  # fp16's loss scale goes on where it was
         accelerator.scaler.load_state_dict(state["scaler"])
-    eval_rows = the_task.val[:eval_examples]  # mid-run evaluations: validation, never test
-    mid_run = _mid_run_eval(accelerator, len(eval_rows), len(the_task.val))
-    loss_label, val_label = "train loss (running)", _mid_run_label(kind, mid_run)
+    r.eval_rows = r.task.val[:c.eval_examples]  # mid-run evaluations: validation, never test
+    r.mid_run = _mid_run_eval(accelerator, len(r.eval_rows), len(r.task.val))
     # What the run computes (not where it writes, nor whether it resumed): the same file for a resumed run.
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in NOT_RESULTS}
-    if trackers:
+    r.config = {k: (str(v) if isinstance(v, Path) else v) for k, v in shaping(c).items()}
+    return loop
+
+
+def _start_tracking(r, c, monitor):
+    """Trackers and the monitor (the installed one when trackers run and none is given); the monitor, started."""
+    if r.trackers:
         # The logged val_* scalars are the mid-run ones (final/* the recorded ones): the hparams say what they are.
-        accelerator.init_trackers(out.name, config=tracker_config(
-            {**config, **{f"mid_run_eval_{k}": v for k, v in mid_run.items()}}))
+        r.accelerator.init_trackers(r.out.name, config=tracker_config(
+            {**r.config, **{f"mid_run_eval_{k}": v for k, v in r.mid_run.items()}}))
         if monitor is None and (installed := installed_monitor()) is not None:
             monitor = installed()
-    start_monitor(monitor, len(the_task.train))
-    lengths = kind.lengths(processor, the_task.train, max_length) if group_by_length else None
+    start_monitor(monitor, len(r.task.train))
+    return monitor
 
-    def epoch_loader(epoch, rows, collate):
-        """This epoch's DataLoader over `rows` (the training split, or its indices): the order depends on (seed,
-        epoch) only, never on the method, and is the same on every process."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        if group_by_length:
-            # generator= as well: without one, the DataLoader draws its workers' base seed from the global RNG
-            # when iteration starts, which would shift dropout's stream on a resumed run.
-            return torch.utils.data.DataLoader(rows, collate_fn=collate, generator=g,
-                                               batch_sampler=data.length_grouped_batches(lengths, batch_size, g))
-        return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=True, generator=g, drop_last=False,
-                                           collate_fn=collate)
+
+def _epoch_loader(r, c, epoch, rows, collate, lengths):
+    """This epoch's DataLoader over `rows` (the training split, or its indices): the order depends on (seed, epoch)
+    only, never on the method, and is the same on every process."""
+    g = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
+    if c.group_by_length:
+        # generator= as well: without one, the DataLoader draws its workers' base seed from the global RNG when
+        # iteration starts, which would shift dropout's stream on a resumed run.
+        return torch.utils.data.DataLoader(rows, collate_fn=collate, generator=g,
+                                           batch_sampler=data.length_grouped_batches(lengths, c.batch_size, g))
+    return torch.utils.data.DataLoader(rows, batch_size=c.batch_size, shuffle=True, generator=g, drop_last=False,
+                                       collate_fn=collate)
+
+
+def _save_state(r, loop):
+    """Everything the rest of the run depends on, down to the running loss of the current evaluation window, into
+    OUT.partial/state.pt (written whole, then renamed)."""
+    if r.accelerator.is_main_process:
+        r.partial.mkdir(parents=True, exist_ok=True)
+        scaler = r.accelerator.scaler
+        state = dict(version=STATE_VERSION, args=r.results_args, step=loop.step, model=r.inner.state_dict(),
+                     optimizer=r.optimizer.optimizer.state_dict(), schedule=r.schedule.state_dict(),
+                     scaler=scaler.state_dict() if scaler is not None else None,
+                     rng=torch.get_rng_state(), py_rng=random.getstate(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     history=loop.history, running=loop.running, step_times=loop.step_times,
+                     snapshot_steps=sorted(loop.snapshots), folds=loop.folds, stopping=r.watch.state_dict())
+        torch.save(state, r.partial / (STATE + ".tmp"))
+        (r.partial / (STATE + ".tmp")).replace(r.partial / STATE)
+
+
+def _train_loop(r, c, loop, monitor, on_step):
+    """Epochs of batches until the cap or the last link's end: each optimizer step (_step), then what comes after
+    it (_after_step: link ends, mid-run evaluations, snapshots, resumable state)."""
+    accelerator, kind = r.accelerator, r.kind
+    lengths = kind.lengths(r.processor, r.task.train, c.max_length) if c.group_by_length else None
 
     def batches(epoch):
         """This epoch's batches; starting an epoch leaves the global RNG (dropout) untouched, so a resumed run
         replays exactly."""
-        loader = epoch_loader(epoch, the_task.train, kind.collate(processor, max_length))
+        loader = _epoch_loader(r, c, epoch, r.task.train, kind.collate(r.processor, c.max_length), lengths)
         with torch.random.fork_rng(devices=[]):
             return iter(accelerator.prepare_data_loader(loader))
 
     # The example indices epoch 0 trains on, batch by batch: the same loader over indices (its own generator, so
     # neither the global RNG nor the loop's batches move).
     with torch.random.fork_rng(devices=[]):
-        data_order = pairing.order_digest(epoch_loader(0, range(len(the_task.train)), list))
-    pairs = dict(split_sha256=pairing.split_digest(the_task.sha256, len(the_task.train), len(the_task.val),
-                                                   len(the_task.test), val_fraction, max_length),
-                 head_init_sha256=head_init, data_order_sha256=data_order, seed=seed)
-
-    def save_state():
-        if accelerator.is_main_process:
-            partial.mkdir(parents=True, exist_ok=True)
-            # Everything the rest of the run depends on, down to the running loss of the current eval window.
-            state = dict(version=STATE_VERSION, args=results_args, step=step, model=inner.state_dict(),
-                         optimizer=optimizer.optimizer.state_dict(), schedule=schedule.state_dict(),
-                         scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                         rng=torch.get_rng_state(), py_rng=random.getstate(),
-                         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                         history=history, running=running, step_times=step_times, snapshot_steps=sorted(snapshots),
-                         folds=folds, stopping=watch.state_dict())
-            torch.save(state, partial / (STATE + ".tmp"))
-            (partial / (STATE + ".tmp")).replace(state_file)
+        data_order = pairing.order_digest(_epoch_loader(r, c, 0, range(len(r.task.train)), list, lengths))
+    r.pairs = dict(split_sha256=pairing.split_digest(r.task.sha256, len(r.task.train), len(r.task.val),
+                                                     len(r.task.test), c.val_fraction, c.max_length),
+                   head_init_sha256=r.head_init, data_order_sha256=data_order, seed=c.seed)
 
     start = time.perf_counter()
-    desc = f"{method} r={rank}" + (f" k={chain_length}" if chain_length > 1 else "")
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not (progress and accelerator.is_main_process))
-    net.train()
-    while step < total and not stopped:
-        epoch, skip = divmod(step, steps_per_epoch)
+    desc = f"{c.method} r={c.rank}" + (f" k={c.chain_length}" if c.chain_length > 1 else "")
+    bar = tqdm(total=r.total, initial=loop.step, desc=desc, disable=not (c.progress and accelerator.is_main_process))
+    r.net.train()
+    while loop.step < r.total and not loop.stopped:
+        epoch, skip = divmod(loop.step, r.steps_per_epoch)
         for i, batch in enumerate(batches(epoch)):
             if i < skip:
                 continue  # resumed mid-epoch: the same order, the batches already seen skipped
-            t0 = time.perf_counter()
-            loss = _loss(accelerator, net, batch, kind)
-            accelerator.backward(loss)
-            if grad_clip:
-                accelerator.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], grad_clip)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_times.append(time.perf_counter() - t0)
-            step += 1
-            running.append(loss.item())
+            _step(r, c, loop, batch)
             bar.update(1)
-            if not by_link and step in boundaries:
-                next_link(inner, optimizer.optimizer)  # a fixed share ends: folded before this step's evaluation
-            link_end = watch.start + caps[watch.index]  # the current link's cap (its fixed boundary without by_link)
-            # Evaluations count from the link's start and come at its end (from 0 and at the run's end when the links
-            # are not watched one by one: then the two are the same for a non-chained run).
-            origin, end = (watch.start, link_end) if by_link else (0, total)
-            link_done = False
-            if (step - origin) % eval_every == 0 or step == end:
-                ev = _eval_split(accelerator, inner, eval_rows, processor, max_length, 2 * batch_size, kind)
-                history.append(dict(step=step, train_loss_running=sum(running) / len(running),
-                                    lr=schedule.get_last_lr()[0], **_split_stats(kind, {"val": ev})))
-                link_done = ev is not None and watch.update(step, ev["loss"], inner)
-                if trackers or monitor is not None:
-                    numbers = {k: v for k, v in history[-1].items() if isinstance(v, (int, float)) and k != "step"}
-                    log_scalars(accelerator, {**numbers, **(monitor(inner, step) if monitor else {})}, step)
-                bar.set_postfix({loss_label: f"{history[-1]['train_loss_running']:.3f}",
-                                 **({val_label: f"{kind.metric_of(ev):.3f}"} if ev else {})})
-                running = []
-            if link_done or step == link_end:
-                watch.end_link(step, "patience" if link_done else "cap")
-                if watch.index == chain_length - 1:
-                    stopped = True  # the last link ends the run
-                else:
-                    if by_link:  # the link's best weights go on into the fold; the next link starts from them
-                        watch.restore_link(inner)
-                        next_link(inner, optimizer.optimizer)
-                    folds.append(step)
-                    watch.start_link(step)
-            if step in trajectory_steps and accelerator.is_main_process:
-                partial.mkdir(parents=True, exist_ok=True)
-                save_file(snapshot(inner), str(partial / f"step_{step:08d}.safetensors"))
-                snapshots[step] = None
-            if save_every and step % save_every == 0 and step < total and not stopped:
-                save_state()
+            _after_step(r, c, loop, monitor, bar)
             if on_step:
-                on_step(step)
-            if step >= total or stopped:
+                on_step(loop.step)
+            if loop.step >= r.total or loop.stopped:
                 break
     bar.close()
-    wall = time.perf_counter() - start
+    r.wall = time.perf_counter() - start
 
-    # Final evaluation: eval mode, final weights, full splits (docs/THEORY.md section 3), in the weights' own
-    # precision (fp32): accelerate's autocast wrapper comes off, so this is what a fresh load evaluates to.
-    inner = accelerator.unwrap_model(net, keep_fp32_wrapper=False)
-    stopped_at, (kept_step, kept_link) = step, _keep_weights(inner, watch, keep, step)
-    evs = {split: _eval_split(accelerator, inner, getattr(the_task, split), processor, max_length, 2 * batch_size,
-                              kind) for split in ("train", "val", "test")}
+
+def _step(r, c, loop, batch):
+    """One optimizer step on the batch: the loss, its gradients (clipped), AdamW and the schedule."""
+    t0 = time.perf_counter()
+    loss = _loss(r.accelerator, r.net, batch, r.kind)
+    r.accelerator.backward(loss)
+    if c.grad_clip:
+        r.accelerator.clip_grad_norm_([p for p in r.net.parameters() if p.requires_grad], c.grad_clip)
+    r.optimizer.step()
+    r.schedule.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    loop.step_times.append(time.perf_counter() - t0)
+    loop.step += 1
+    loop.running.append(loss.item())
+
+
+def _after_step(r, c, loop, monitor, bar):
+    """After step t: a fixed link share that ends is folded; a mid-run evaluation when one is due; the link ends
+    (on patience or at its cap), the last one ending the run; a trajectory snapshot; the resumable state."""
+    step, watch, inner, kind = loop.step, r.watch, r.inner, r.kind
+    if not r.by_link and step in r.boundaries:
+        next_link(inner, r.optimizer.optimizer)  # a fixed share ends: folded before this step's evaluation
+    link_end = watch.start + r.caps[watch.index]  # the current link's cap (its fixed boundary without by_link)
+    # Evaluations count from the link's start and come at its end (from 0 and at the run's end when the links are
+    # not watched one by one: then the two are the same for a non-chained run).
+    origin, end = (watch.start, link_end) if r.by_link else (0, r.total)
+    link_done = False
+    if (step - origin) % r.eval_every == 0 or step == end:
+        ev = _eval_split(r.accelerator, inner, r.eval_rows, r.processor, c.max_length, 2 * c.batch_size, kind)
+        loop.history.append(dict(step=step, train_loss_running=sum(loop.running) / len(loop.running),
+                                 lr=r.schedule.get_last_lr()[0], **_split_stats(kind, {"val": ev})))
+        link_done = ev is not None and watch.update(step, ev["loss"], inner)
+        if r.trackers or monitor is not None:
+            numbers = {k: v for k, v in loop.history[-1].items() if isinstance(v, (int, float)) and k != "step"}
+            log_scalars(r.accelerator, {**numbers, **(monitor(inner, step) if monitor else {})}, step)
+        bar.set_postfix({"train loss (running)": f"{loop.history[-1]['train_loss_running']:.3f}",
+                         **({_mid_run_label(kind, r.mid_run): f"{kind.metric_of(ev):.3f}"} if ev else {})})
+        loop.running = []
+    if link_done or step == link_end:
+        watch.end_link(step, "patience" if link_done else "cap")
+        if watch.index == c.chain_length - 1:
+            loop.stopped = True  # the last link ends the run
+        else:
+            if r.by_link:  # the link's best weights go on into the fold; the next link starts from them
+                watch.restore_link(inner)
+                next_link(inner, r.optimizer.optimizer)
+            loop.folds.append(step)
+            watch.start_link(step)
+    if step in r.trajectory_steps and r.accelerator.is_main_process:
+        r.partial.mkdir(parents=True, exist_ok=True)
+        save_file(snapshot(inner), str(r.partial / f"step_{step:08d}.safetensors"))
+        loop.snapshots[step] = None
+    if c.save_every and step % c.save_every == 0 and step < r.total and not loop.stopped:
+        _save_state(r, loop)
+
+
+def _final_evaluation(r, c, loop, inner, kept_step):
+    """Eval mode, the kept weights, full splits (docs/THEORY.md section 3): (the splits' evaluations,
+    training_stats)."""
+    kind, task, accelerator = r.kind, r.task, r.accelerator
+    evs = {split: _eval_split(accelerator, inner, getattr(task, split), r.processor, c.max_length,
+                              2 * c.batch_size, kind) for split in ("train", "val", "test")}
     train_ev, test_ev = evs["train"], evs["test"]
     # The metric's gap, signed like the loss's: positive when the test split does worse.
     metric_gap = (kind.metric_of(train_ev) - kind.metric_of(test_ev)) * (1 if kind.higher_is_better else -1)
     peak, peak_kind = _peak_memory(accelerator.device)
-    precision = dict(dropout=dropout, mixed_precision=accelerator.mixed_precision,
-                     eval_precision=PRECISION_NAMES[next(inner.parameters()).dtype])
+    r.precision = dict(dropout=c.dropout, mixed_precision=accelerator.mixed_precision,
+                       eval_precision=PRECISION_NAMES[next(inner.parameters()).dtype])
+    stopped_at, times = loop.step, loop.step_times
     stats = dict(
-        n_train=len(the_task.train), n_val=len(the_task.val), n_test=len(the_task.test), task_type=kind.name,
+        n_train=len(task.train), n_val=len(task.val), n_test=len(task.test), task_type=kind.name,
         metric=kind.metric, metric_higher_is_better=kind.higher_is_better, loss_unit=kind.loss_unit,
         **_split_stats(kind, evs),
         **{f"{split}_units": sum(ev["units"]) for split, ev in evs.items() if ev},
@@ -512,56 +637,55 @@ def train(model="minilm", task="movie-reviews", data_file=None, method="cla", ra
         abs_generalization_gap=abs(test_ev["loss"] - train_ev["loss"]),
         metric_gap=metric_gap,
         **_loss_summary("train", train_ev["losses"]), **_loss_summary("test", test_ev["losses"]),
-        steps=stopped_at, epochs=stopped_at / steps_per_epoch, history=history, wall_time_s=wall,
-        **_stopping_stats(watch, early_stopping, keep, stopped_at, kept_step, total, eval_every, mid_run),
-        median_step_time_s=statistics.median(step_times) if step_times else None,
-        throughput_examples_per_s=batch_size / statistics.median(step_times) if step_times else None,
-        peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=seed, world_size=accelerator.num_processes,
-        device=str(accelerator.device), machine=_machine(accelerator.device), **precision, mid_run_eval=mid_run,
-        pairing=pairs, versions=_versions())
-    if accelerator.is_main_process:
-        task_meta = dict(name=the_task.name, type=kind.name,
-                         data=str(Path(data_file).resolve()) if data_file else None, labels=the_task.labels,
-                         max_length=max_length, n_train=n_train, n_val=n_val, n_test=n_test,
-                         val_fraction=val_fraction, sha256=the_task.sha256)
-        hyper = dict(lr=lr, lr_ratio=lr_ratio if lr_ratio is not None else (
-            spec.adapter.lr_ratio if spec.adapter else 1.0),
-            head_lr_mult=head_lr_mult,
-            group_lrs=[g["lr"] for g in groups], weight_decay=weight_decay, warmup=warmup,
-            grad_clip=grad_clip, batch_size=batch_size, group_by_length=group_by_length, steps=total, **precision)
+        steps=stopped_at, epochs=stopped_at / r.steps_per_epoch, history=loop.history, wall_time_s=r.wall,
+        **_stopping_stats(r.watch, c.early_stopping, c.keep, stopped_at, kept_step, r.total, r.eval_every,
+                          r.mid_run),
+        median_step_time_s=statistics.median(times) if times else None,
+        throughput_examples_per_s=c.batch_size / statistics.median(times) if times else None,
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, seed=c.seed, world_size=accelerator.num_processes,
+        device=str(accelerator.device), machine=_machine(accelerator.device), **r.precision,
+        mid_run_eval=r.mid_run, pairing=r.pairs, versions=_versions())
+    return evs, stats
 
-        def write_trajectory(directory):
-            directory.mkdir()
-            for s in sorted(snapshots):
-                shutil.copy(partial / f"step_{s:08d}.safetensors", directory / f"step_{s:08d}.safetensors")
 
-        # Both records below hold the digest of the weights, already written beside them (checkpoint.save writes
-        # `files` after them): hashed once, since a full fine-tuning's weights are the whole model.
-        weights_sha256 = functools.cache(checkpoint.weights_digest)
+def _write(r, c, loop, inner, evs, stats, kept_link):
+    """The checkpoint (adapters.checkpoint.save, atomically): weights, adapters_meta.json with the task and the
+    hyperparameters, training_stats.json (the completion record), config.yaml, the per-example losses and the
+    trajectory; then OUT.partial/ goes."""
+    task_meta = dict(name=r.task.name, type=r.kind.name,
+                     data=str(Path(c.data_file).resolve()) if c.data_file else None, labels=r.task.labels,
+                     max_length=c.max_length, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
+                     val_fraction=c.val_fraction, sha256=r.task.sha256)
+    lr_ratio = c.lr_ratio if c.lr_ratio is not None else (r.spec.adapter.lr_ratio if r.spec.adapter else 1.0)
+    hyper = dict(lr=r.lr, lr_ratio=lr_ratio, head_lr_mult=r.head_lr_mult, group_lrs=[g["lr"] for g in r.groups],
+                 weight_decay=c.weight_decay, warmup=c.warmup, grad_clip=c.grad_clip, batch_size=c.batch_size,
+                 group_by_length=c.group_by_length, steps=r.total, **r.precision)
 
-        def write_stats(file):
-            # The completion record says what it completes, so a resumed study can check a finished run it skips.
-            stats["weights_sha256"] = weights_sha256(file.parent)
-            write_json(file, stats)
+    def write_trajectory(directory):
+        directory.mkdir()
+        for s in sorted(loop.snapshots):
+            shutil.copy(r.partial / f"step_{s:08d}.safetensors", directory / f"step_{s:08d}.safetensors")
 
-        files = {checkpoint.STATS: write_stats,
-                 CONFIG: lambda p: write_text(p, yaml.safe_dump(config, sort_keys=False))}
-        # The final per-example losses with the digest of the weights they are of, so bounds need not run the model.
-        files[example_losses.EXAMPLE_LOSSES] = lambda p: example_losses.write_example_losses(
-            p, evs, task_meta, weights_sha256(p.parent))
-        if snapshots:
-            files["trajectory"] = write_trajectory
-        checkpoint.save(inner, out, base_model=model, base_model_hash=base_hash, task_type=kind.name,
-                        overwrite=overwrite, files=files,
-                        extra_meta=dict(link_boundaries=folds, best_link=kept_link, task=task_meta,
-                                        training=hyper))
-        shutil.rmtree(partial, ignore_errors=True)
-    if trackers:
-        log_scalars(accelerator, {f"final/{k}": v for k, v in stats.items()
-                                  if k.endswith(("_loss", "_metric", "_gap")) and isinstance(v, (int, float))}, total)
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return stats
+    # Both records below hold the digest of the weights, already written beside them (checkpoint.save writes
+    # `files` after them): hashed once, since a full fine-tuning's weights are the whole model.
+    weights_sha256 = functools.cache(checkpoint.weights_digest)
+
+    def write_stats(file):
+        # The completion record says what it completes, so a resumed study can check a finished run it skips.
+        stats["weights_sha256"] = weights_sha256(file.parent)
+        write_json(file, stats)
+
+    files = {checkpoint.STATS: write_stats,
+             CONFIG: lambda p: write_text(p, yaml.safe_dump(r.config, sort_keys=False))}
+    # The final per-example losses with the digest of the weights they are of, so bounds need not run the model.
+    files[example_losses.EXAMPLE_LOSSES] = lambda p: example_losses.write_example_losses(
+        p, evs, task_meta, weights_sha256(p.parent))
+    if loop.snapshots:
+        files["trajectory"] = write_trajectory
+    checkpoint.save(inner, r.out, base_model=c.model, base_model_hash=r.base_hash, task_type=r.kind.name,
+                    overwrite=c.overwrite, files=files,
+                    extra_meta=dict(link_boundaries=loop.folds, best_link=kept_link, task=task_meta, training=hyper))
+    shutil.rmtree(r.partial, ignore_errors=True)
 
 
 def _read_state(state_file, results_args):
@@ -580,88 +704,21 @@ def _read_state(state_file, results_args):
     return state
 
 
-def _by_method(value, default):
-    """'name v, ...' for the methods whose `value(method)` is not `default` (for --help)."""
-    return ", ".join(f"{name} {value(m):g}" for name, m in METHODS.items() if value(m) != default)
-
-
-def _parser():
-    d = {name: p.default for name, p in inspect.signature(train).parameters.items()}  # what train() applies
-    chained = [name for name, m in METHODS.items() if m.chain_length > 1]
-    p = ArgumentParser(prog="python -m adapters.train", description=__doc__.split("\n\n")[0],
-                       formatter_class=HelpFormatter, epilog="methods (--method):\n" + method_table())
-    p.add_argument("--model", default=d["model"], help=f"offline model ({', '.join(models.OFFLINE_MODELS)}), "
-                                                       "a transformers directory or a cached hub id")
-    # --task, --data, --n-train/val/test, --val-fraction, --max-length: one definition for every command reading a task
-    taskspec.add_task_arguments(p, defaults={k: d[k] for k in ("task", "val_fraction", "max_length")})
-    p.add_argument("--method", default=d["method"], help="one of the methods below")
-    p.add_argument("--rank", type=int, default=d["rank"], help="rank r of each link")
-    p.add_argument("--alpha", type=float, default=d["alpha"], help="scale s = alpha / r")
-    p.add_argument("--targets", nargs="+", help="module names, dotted suffixes, regexes or all-linear (default: "
-                                                "the query and value projections of the model's family)")
-    p.add_argument("--chain-length", type=int, help=f"links k of a chained method (default: the method's, "
-                   f"{CHAIN_LENGTH} for {', '.join(chained)}; 1 for the others)")
-    p.add_argument("--epochs", type=float, default=d["epochs"], help="passes over the training split")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs of the training split)")
-    p.add_argument("--lr", type=float, help=f"default {DEFAULT_LR[False]:g} ({DEFAULT_LR[True]:g} for the methods "
-                                            f"that train the pretrained weights: "
-                                            f"{', '.join(n for n, m in METHODS.items() if m.trains_base)})")
-    p.add_argument("--lr-ratio", type=float, help="lr_B / lr_A (default: the method's, "
-                   f"{_by_method(lambda m: m.adapter.lr_ratio if m.adapter else 1.0, 1.0)}; 1 for the others)")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW's")
-    p.add_argument("--warmup", type=float, default=d["warmup"], help="warmup fraction of the run")
-    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="max gradient norm (0: no clipping)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch size")
-    p.add_argument("--head-lr-mult", type=float, help="a new head's lr = this × lr (default: the method's, "
-                   f"{_by_method(lambda m: m.head_lr_mult, 1.0)}; 1 for the others and for a pretrained head)")
-    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                   default=d["group_by_length"], help="plain shuffled batches instead of batches of similar length")
-    p.add_argument("--eval-every", type=int, help=f"steps between mid-run evaluations (default: {EVALS_PER_RUN} "
-                                                  "per run)")
-    p.add_argument("--eval-examples", type=int, default=d["eval_examples"],
-                   help="validation examples each mid-run evaluation uses (the final one uses every split in full)")
-    p.add_argument("--early-stopping", action="store_true",
-                   help="stop after --patience evaluations without a lower validation loss (the cap: --max-steps or "
-                        "--epochs); a chain converges link by link: each link stops on its own patience or at its "
-                        "share of the cap, its best weights go on into the next link, and the last link ends the run")
-    p.add_argument("--patience", type=int, default=d["patience"],
-                   help="evaluations without an improvement before stopping")
-    p.add_argument("--min-delta", type=float, default=d["min_delta"],
-                   help="an improvement lowers the best validation loss by more than this")
-    p.add_argument("--keep", choices=KEEP, help="weights tested and saved: best (the best validation evaluation's; "
-                                                "the default with --early-stopping) or final (the default without)")
-    p.add_argument("--seed", type=int, default=d["seed"], help="every random draw: selectors, head, data order, "
-                                                               "dropout")
-    p.add_argument("--out", default=d["out"], help="the checkpoint directory")
-    p.add_argument("--overwrite", action="store_true", default=d["overwrite"],
-                   help="replace a non-empty --out directory")
-    p.add_argument("--save-trajectory", type=int, default=d["save_trajectory"], metavar="N",
-                   help="N snapshots of trained params")
-    p.add_argument("--save-every", type=int, help="write resumable state every N steps (to OUT.partial/; "
-                                                  "default: never)")
-    p.add_argument("--resume", action="store_true", default=d["resume"],
-                   help="continue from OUT.partial/ if present")
-    p.add_argument("--dropout", type=float, default=d["dropout"],
-                   help="LoRA dropout p on the adapter path (PEFT lora_dropout)")
-    p.add_argument("--report-to", default=d["report_to"], help="tensorboard, wandb, trackio, all or none: losses, "
-                   "lr, validation metric and diagnostics at each evaluation, via accelerate's trackers")
-    p.add_argument("--logging-dir", help="where trackers write (default: OUT.logs/)")
-    p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
-                   help="autocast for training (default: accelerate's, ACCELERATE_MIXED_PRECISION or no); "
-                        "the final evaluation is fp32")
-    return p
+def parser():
+    return command.parser("python -m adapters.train", __doc__, TrainConfig,
+                          epilog="methods (--method):\n" + method_table())
 
 
 @cli
 def main(argv=None):
-    args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
-    stats = train(**args)  # checks every argument before it writes anything
+    config, _ = command.parse(parser(), TrainConfig, argv)  # --config FILE.yaml: its keys are flags; flags win
+    stats = train(config)  # checks every setting before it writes anything
     summary = {k: stats[k] for k in ("n_train", "n_val", "n_test", "train_loss", "val_loss", "test_loss",
                                      "train_metric", "val_metric", "test_metric", "generalization_gap",
                                      "median_step_time_s")}
-    k = resolve_chain_length(args["method"], args["chain_length"])  # as train() resolved it
-    note = one_link_note(args["method"], k)
-    print(json.dumps(dict(out=args["out"], method=args["method"], chain_length=k, **summary,
+    k = resolve_chain_length(config.method, config.chain_length)  # as train() resolved it
+    note = one_link_note(config.method, k)
+    print(json.dumps(dict(out=str(config.out), method=config.method, chain_length=k, **summary,
                           **({"note": note} if note else {}))))
     return 0
 

@@ -2,7 +2,8 @@
 
     python -m analysis.hessian CKPT [--top-k 5] [--trace] [--density] [--space trainable|effective|all]
         [--parametrization trained|folded] [--matrices T ...] [--examples 256] [--split train|test] [--seed S]
-        [--out DIR] [--task T | --data FILE] [--n-train N] [--n-test N]
+        [--out DIR] [--formats png,pdf] [--device cuda] [--config FILE.yaml]
+        [--task T | --data FILE] [--n-train N] [--n-test N]
 
 H = ∇²L(θ*) over the chosen parameters, L the task's own loss over the examples (of the checkpoint's recorded
 task, or of --task / --data), in eval mode (dropout off). The space and its parametrisation are
@@ -16,29 +17,62 @@ its standard error, and the spectral density by stochastic Lanczos quadrature.
 
 Writes DIR/hessian.json (eigenvalues descending, Lanczos convergence, trace, trace_stderr, settings,
 seeds, the space and its parametrisation) and
-DIR/hessian_density.{png,pdf} with --density. Transformers models are loaded with eager attention
-(SDPA has no double backward on CPU).
+DIR/hessian_density.{png,pdf} (the figure formats of --formats) with --density. Transformers models are loaded
+with eager attention (SDPA has no double backward on CPU). From Python: `run(ckpt, config=None, **settings)` (the
+settings of HessianConfig).
 """
+import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from adapters.errors import AdapterError, ArgumentParser, cli
-from adapters.taskspec import TASK_OPTIONS, add_task_arguments, checkpoint_score, examples_arg, task_options
+from adapters import command
+from adapters.errors import AdapterError, cli
+from adapters.settings import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check, make, setting, shaping
+from adapters.taskspec import DataChoice, checkpoint_score, examples_arg, task_options
 from adapters.io import write_json
 from analysis import lanczos, spaces
 from adapters.evaluate import batch_loss, eval_mode
 from adapters.tasks import class_scores
-from analysis.landscape import SPLITS, to_device
+from analysis.landscape import EXAMPLES_HELP, MATRICES_HELP, PARAMETRIZATION_HELP, SPACE_HELP, SPLITS, to_device
 
-DEFAULTS = dict(top_k=5, trace=False, density=False, space="trainable", parametrization="trained", matrices=None,
-                examples=256, split="train",
-                batch_size=32, seed=0, out=None, device=None, cache_graph=False, max_iter=100, tol=1e-4,
-                trace_method="hutchinson", trace_samples=32, density_steps=50, density_runs=3, sigma=None,
-                progress=True, formats=("png", "pdf"), **dict.fromkeys(TASK_OPTIONS))
+TRACE_METHODS = ("hutchinson", "hutch++")
+
+
+@dataclass(frozen=True)
+class HessianConfig(DataChoice):
+    """The settings of analysis.hessian: each field is a flag (python -m analysis.hessian --help) and a keyword of
+    run(); those with results=True are hessian.json's "settings"."""
+    top_k: int = setting(5, "top eigenvalues by Lanczos (0: none)", check=NON_NEGATIVE)
+    trace: bool = setting(False, "estimate the trace (Hutchinson or Hutch++) with its standard error")
+    density: bool = setting(False, "estimate the spectral density (stochastic Lanczos quadrature) and draw it")
+    space: str = setting("trainable", SPACE_HELP, choices=spaces.SPACES)
+    parametrization: str = setting("trained", PARAMETRIZATION_HELP, choices=spaces.PARAMETRIZATIONS)
+    matrices: Optional[list[str]] = setting(None, MATRICES_HELP, metavar="T")
+    examples: Optional[int] = setting(256, EXAMPLES_HELP, check=AT_LEAST_1, type=examples_arg)
+    split: str = setting("train", "the examples the loss is taken over", choices=SPLITS)
+    batch_size: int = setting(32, "examples per forward pass", check=AT_LEAST_1)
+    seed: int = setting(0, "Lanczos start; trace uses seed+1, SLQ seed+2")
+    max_iter: int = setting(100, "Lanczos steps at most (top-k)", check=AT_LEAST_1)
+    tol: float = setting(1e-4, "relative Ritz residual for convergence", check=POSITIVE)
+    trace_method: str = setting("hutchinson", "the trace estimator", choices=TRACE_METHODS)
+    trace_samples: int = setting(32, "Hessian-vector products for the trace (at least 2; 6 for hutch++)",
+                                 check=AT_LEAST_1)
+    density_steps: int = setting(50, "Lanczos steps per SLQ run", check=AT_LEAST_1)
+    density_runs: int = setting(3, "SLQ runs (random starts)", check=AT_LEAST_1)
+    sigma: Optional[float] = setting(None, "Gaussian smoothing of the density (default: 1%% of its range)",
+                                     check=POSITIVE)
+    cache_graph: bool = setting(False, "keep the gradient graphs in memory: one backward per product instead of "
+                                "three passes", results=False)
+    out: Optional[str] = command.out(None, "hessian.json and the density figure (default: CKPT)")
+    device: Optional[str] = command.device("the model runs")
+    progress: bool = setting(True, "no progress bars", results=False, flag="--no-progress")
+    formats: tuple = command.formats(("png", "pdf"))
 
 
 @contextmanager
@@ -158,106 +192,63 @@ def plot_density(result, out_dir, formats):
     return style.save(fig, out_dir, "hessian_density", formats)
 
 
-def _settings(settings):
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise AdapterError(f"unknown hessian setting(s): {', '.join(sorted(unknown))}")
-    s = {**DEFAULTS, **settings}
-    if not isinstance(s["top_k"], int) or s["top_k"] < 0:
-        raise AdapterError(f"--top-k must be an integer ≥ 0, got {s['top_k']!r}")
-    if not (s["top_k"] or s["trace"] or s["density"]):
+def check_config(config):
+    """What the fields' ranges cannot say: something to compute, and the trace's minimum samples."""
+    if not (config.top_k or config.trace or config.density):
         raise AdapterError("nothing to compute: give --top-k ≥ 1, --trace or --density")
-    if s["split"] not in SPLITS:
-        raise AdapterError(f"--split must be train or test, got {s['split']!r}")
-    if s["space"] not in spaces.SPACES or s["parametrization"] not in spaces.PARAMETRIZATIONS:
-        raise AdapterError(f"--space must be one of {', '.join(spaces.SPACES)} and --parametrization one of "
-                           f"{', '.join(spaces.PARAMETRIZATIONS)}, got {s['space']!r}, {s['parametrization']!r}")
-    if s["examples"] is not None and (not isinstance(s["examples"], int) or s["examples"] < 1):
-        raise AdapterError(f"--examples must be a positive integer or all, got {s['examples']!r}")
-    if s["trace_method"] not in ("hutchinson", "hutch++"):
-        raise AdapterError(f"--trace-method must be hutchinson or hutch++, got {s['trace_method']!r}")
-    minimum = 6 if s["trace_method"] == "hutch++" else 2  # Hutch++ spends a third on the sampled part
-    if s["trace_samples"] < minimum:
-        raise AdapterError(f"--trace-samples must be ≥ {minimum} for a standard error, got {s['trace_samples']}")
-    for k in ("max_iter", "density_steps", "density_runs", "batch_size"):
-        if s[k] < 1:
-            raise AdapterError(f"--{k.replace('_', '-')} must be ≥ 1, got {s[k]}")
-    if not s["tol"] > 0 or (s["sigma"] is not None and not s["sigma"] > 0):
-        raise AdapterError("--tol and --sigma must be > 0")
-    return s
+    minimum = 6 if config.trace_method == "hutch++" else 2  # Hutch++ spends a third on the sampled part
+    if config.trace_samples < minimum:
+        raise AdapterError(f"--trace-samples must be ≥ {minimum} for a standard error, got {config.trace_samples}")
+    return config
 
 
-def run(ckpt, **settings):
-    """Hessian estimates of checkpoint `ckpt`; writes DIR/hessian.json (+ density figure); returns the dict."""
-    s = _settings(settings)
+def run(ckpt, config=None, **settings):
+    """Hessian estimates of checkpoint `ckpt`; writes DIR/hessian.json (+ density figure); returns the dict.
+
+    config: a HessianConfig (default: its defaults), `settings` replacing its fields."""
+    c = check_config(check(make(HessianConfig, config, **settings)))
     import adapters
     from adapters import evaluate as ev
     ckpt = str(ckpt)
     meta = adapters.read_meta(ckpt)
-    out = Path(s["out"] or ckpt)
-    device = torch.device(s["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(c.out or ckpt)
+    device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = adapters.load(ckpt, attn_implementation="eager").eval()
-    named, space = spaces.prepare(model, meta, s["space"], s["parametrization"], s["matrices"])
+    named, space = spaces.prepare(model, meta, c.space, c.parametrization, c.matrices)
     model.to(device)
-    data = {k: s[k] for k in TASK_OPTIONS}  # the checkpoint's own task unless --task / --data name one
-    batches = to_device(ev.checkpoint_batches(ckpt, s["split"], s["examples"], s["batch_size"], s["seed"], **data),
+    # the checkpoint's own task unless --task / --data name one
+    batches = to_device(ev.checkpoint_batches(ckpt, c.split, c.examples, c.batch_size, c.seed, **task_options(c)),
                         device)
-    op = HessianOperator(model, [p for _, p in named], batches, cache_graph=s["cache_graph"],
+    op = HessianOperator(model, [p for _, p in named], batches, cache_graph=c.cache_graph,
                          score=checkpoint_score(ckpt))
     loss, grad = op.gradient()
     result = {"checkpoint": ckpt, "method": meta.get("method"),
-              "settings": {k: v for k, v in s.items() if k not in ("out", "progress", "device", "formats")},
+              "settings": shaping(c),  # the settings that shape the numbers (HessianConfig's results=True fields)
               "examples": sum(len(b["labels"]) for b in batches), "loss_units": op.count, "loss": loss,
               "grad_norm": float(grad.norm()), "space_tensors": len(named),
               **space}
-    result.update(spectrum(op, **{k: s[k] for k in ("top_k", "trace", "density", "seed", "max_iter", "tol",
-                                                   "trace_method", "trace_samples", "density_steps",
-                                                   "density_runs", "sigma", "progress")}))
-    if s["density"]:
-        result["figures"] = [str(p) for p in plot_density(result, out, s["formats"])]
+    result.update(spectrum(op, top_k=c.top_k, trace=c.trace, density=c.density, seed=c.seed, max_iter=c.max_iter,
+                           tol=c.tol, trace_method=c.trace_method, trace_samples=c.trace_samples,
+                           density_steps=c.density_steps, density_runs=c.density_runs, sigma=c.sigma,
+                           progress=c.progress))
+    if c.density:
+        result["figures"] = [str(p) for p in plot_density(result, out, command.figure_formats(c.formats))]
     write_json(out / "hessian.json", result)
     return result
 
 
+def parser():
+    p = command.parser("python -m analysis.hessian", __doc__, HessianConfig)
+    p.add_argument("ckpt", metavar="CKPT")
+    return p
+
+
 @cli
 def main(argv=None):
-    p = ArgumentParser(prog="python -m analysis.hessian", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--trace", action="store_true")
-    p.add_argument("--density", action="store_true")
-    p.add_argument("--space", default="trainable", choices=spaces.SPACES,
-                   help="trainable: the method's trained scalars; effective: W0+ΔW of the compared matrices; all")
-    p.add_argument("--parametrization", default="trained", choices=spaces.PARAMETRIZATIONS,
-                   help="trained: B with the scale in the forward (as trained); folded: the stored B' = s·B")
-    p.add_argument("--matrices", nargs="+", default=None, metavar="T",
-                   help="--space effective: the compared matrices (names, suffixes, regexes or all-linear; "
-                        "default: the adapted ones, or the architecture's default targets)")
-    p.add_argument("--examples", type=examples_arg, default=256)
-    p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="Lanczos start; trace uses seed+1, SLQ seed+2")
-    p.add_argument("--max-iter", type=int, default=100, help="Lanczos steps at most (top-k)")
-    p.add_argument("--tol", type=float, default=1e-4, help="relative Ritz residual for convergence")
-    p.add_argument("--trace-method", default="hutchinson", choices=("hutchinson", "hutch++"))
-    p.add_argument("--trace-samples", type=int, default=32, help="Hessian-vector products for the trace")
-    p.add_argument("--density-steps", type=int, default=50)
-    p.add_argument("--density-runs", type=int, default=3)
-    p.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing (default 1%% of the range)")
-    p.add_argument("--out", default=None, help="output directory (default: CKPT)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache-graph", action="store_true",
-                   help="keep the gradient graphs in memory: one backward per product instead of three passes")
-    p.add_argument("--no-progress", action="store_true")
-    add_task_arguments(p)
-    a = p.parse_args(argv)
-    r = run(a.ckpt, **task_options(a), cache_graph=a.cache_graph, top_k=a.top_k, trace=a.trace, density=a.density,
-            space=a.space, parametrization=a.parametrization, matrices=a.matrices, examples=a.examples,
-            split=a.split, batch_size=a.batch_size, seed=a.seed, max_iter=a.max_iter, tol=a.tol,
-            trace_method=a.trace_method, trace_samples=a.trace_samples, density_steps=a.density_steps,
-            density_runs=a.density_runs, sigma=a.sigma, out=a.out, device=a.device, progress=not a.no_progress)
+    config, args = command.parse(parser(), HessianConfig, argv)
+    r = run(args["ckpt"], config)
     print(f"{r['parameters']} parameters ({r['space']} space, {r['parametrization']['name']}), {r['examples']} "
-          f"{a.split} examples, loss {r['loss']:.6g}, ‖∇L‖ {r['grad_norm']:.4g}")
+          f"{config.split} examples, loss {r['loss']:.6g}, ‖∇L‖ {r['grad_norm']:.4g}")
     if "eigenvalues" in r:
         print("| k | eigenvalue | residual |\n|---|---|---|")
         for k, (e, res) in enumerate(zip(r["eigenvalues"], r["eigenvalue_residuals"]), 1):
@@ -266,9 +257,10 @@ def main(argv=None):
             print(f"warning: {w}")
     if "trace" in r:
         print(f"trace {r['trace']:.6g} ± {r['trace_stderr']:.3g} ({r['trace_estimator']['method']})")
-    print(f"wrote {Path(a.out or a.ckpt) / 'hessian.json'}")
+    print(f"wrote {Path(config.out or args['ckpt']) / 'hessian.json'}"
+          + (f" and {len(r['figures'])} figure files" if r.get("figures") else ""))
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,6 +3,7 @@
     python -m analysis.landscape CKPT [--dims 1|2] [--directions random|pca|to:CKPT2]
         [--space trainable|effective|all] [--parametrization trained|folded] [--matrices T ...]
         [--grid 21] [--range 1.0] [--split train|test] [--examples 256] [--seed S] [--out DIR]
+        [--formats png,pdf] [--device cuda] [--config FILE.yaml]
         [--task T | --data FILE] [--n-train N] [--n-test N]      # a plain PEFT directory: the data to use
 
 f(α, β) = L(θ* + α δ + β η), L the task's own loss over the chosen examples (adapters.tasks: the mean
@@ -14,37 +15,74 @@ matrices, where random directions are filter-normalised against the rows of W0, 
 base model is perturbed along the very same directions. The segment `to:CKPT2` interpolates the merged
 weights of the two checkpoints, θ(α) = (1 − α) θ_1 + α θ_2 over every tensor: α = 1 is CKPT2 itself even
 when its frozen selectors or A differ. Parameters are perturbed in place and restored bit for bit
-from one copy of θ* (no model copies per point). Long grids: a tqdm bar, partial results saved
-atomically to DIR/landscape.partial*.json so a rerun with the same settings resumes, and points
+from one copy of θ* (no model copies per point). Long grids: a tqdm bar, each point appended to a resume journal
+(DIR/landscape.partial*.jsonl, adapters.io.Journal) so a rerun with the same settings resumes, and points
 sharded over torchrun processes (point k on rank k % world) then all-gathered.
 
 Outputs in DIR: landscape.json (coords, loss/accuracy grids [i][j], center_loss, directions with
 seeds and normalisation, settings, the space and its parametrisation, sharpness summaries), landscape_contour (2D,
-trajectory overlay for PCA directions), landscape_surface (3D), landscape_1d (train and test curves).
+trajectory overlay for PCA directions), landscape_surface (3D), landscape_1d (train and test curves), in the
+figure formats of --formats. From Python: `run(ckpt, config=None, **settings)` (the settings of LandscapeConfig).
 """
-import json
+import dataclasses
 import os
-import time
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
+from adapters import command
+from adapters.errors import AdapterError, CheckpointError, cli
 from adapters.evaluate import batch_loss, eval_mode
-from adapters.taskspec import TASK_OPTIONS, add_task_arguments, checkpoint_score, examples_arg, task_options
+from adapters.settings import AT_LEAST_1, POSITIVE, Check, check, make, setting, shaping
+from adapters.taskspec import DataChoice, checkpoint_score, examples_arg, task_options
 from adapters.tasks import class_scores
-from adapters.io import write_json
+from adapters.io import Journal, write_json
 from analysis import directions as dirs
 from analysis import spaces
 from analysis.spaces import space_parameters  # noqa: F401  (the plain-model spaces, re-exported for callers)
 
-DEFAULTS = dict(dims=2, directions="random", space="trainable", parametrization="trained", matrices=None, grid=21,
-                range=1.0, split="train", examples=256, batch_size=32, seed=0, include_1d=False, out=None, fresh=False,
-                device=None, save_every=10, progress=True, formats=("png", "pdf"), **dict.fromkeys(TASK_OPTIONS))
 SPLITS = ("train", "test")
+# The settings analysis.landscape and analysis.hessian share (the space, the examples), one wording.
+SPACE_HELP = "trainable: the method's trained scalars; effective: W0+ΔW of the compared matrices; all"
+PARAMETRIZATION_HELP = "trained: B with the scale in the forward (as trained); folded: the stored B' = s·B"
+MATRICES_HELP = ("--space effective: the compared matrices (names, suffixes, regexes or all-linear; default: the "
+                 "adapted ones, or the architecture's default targets)")
+EXAMPLES_HELP = "examples to evaluate, or all"
+
+
+@dataclass(frozen=True)
+class LandscapeConfig(DataChoice):
+    """The settings of analysis.landscape: each field is a flag (python -m analysis.landscape --help) and a keyword
+    of run(); those with results=True are landscape.json's "settings" (and key the partial grid a rerun resumes)."""
+    dims: int = setting(2, "1: a curve (train and test); 2: a surface (--split)", choices=(1, 2))
+    directions: str = setting("random", "random | pca | to:CKPT2 (the 1-D segment to another checkpoint)")
+    space: str = setting("trainable", SPACE_HELP + " (the segment to:CKPT2 always moves every merged weight)",
+                         choices=spaces.SPACES)
+    parametrization: str = setting("trained", PARAMETRIZATION_HELP, choices=spaces.PARAMETRIZATIONS)
+    matrices: Optional[list[str]] = setting(None, MATRICES_HELP, metavar="T")
+    grid: int = setting(21, "points per axis, odd so the checkpoint itself is the centre point",
+                        check=Check("odd and >= 3, so the checkpoint itself is the centre point",
+                                    lambda v: isinstance(v, int) and v >= 3 and v % 2 == 1))
+    range: float = setting(1.0, "the grid covers [-range, range] per axis", check=POSITIVE)
+    split: str = setting("train", "the examples of the 2-D surface (1-D curves take both)", choices=SPLITS)
+    examples: Optional[int] = setting(256, EXAMPLES_HELP, check=AT_LEAST_1, type=examples_arg)
+    batch_size: int = setting(32, "examples per forward pass", check=AT_LEAST_1)
+    seed: int = setting(0, "direction seeds are seed, seed+1; also the example subset")
+    include_1d: bool = setting(False, "perturb biases/norms too (each as one filter)")
+    out: Optional[str] = command.out(None, "landscape.json and its figures (default: CKPT)")
+    fresh: bool = setting(False, "discard partial results from an earlier run", results=False)
+    save_every: int = setting(10, "put the resume journal on disk (fsync) every N points; each point is appended as "
+                              "it finishes", check=AT_LEAST_1, results=False)
+    device: Optional[str] = command.device("the model runs")
+    progress: bool = setting(True, "no progress bar", results=False, flag="--no-progress")
+    formats: tuple = command.formats(("png", "pdf"))
 
 
 # ---- the loss oracle: (model, dict batches, the parameters to perturb) -------------------------
@@ -131,25 +169,17 @@ def _key(split, index):
     return f"{split}:{','.join(map(str, index))}"
 
 
-def _load_partials(out_dir, fingerprint, own):
-    """(every point already evaluated with exactly these settings, from every partial file in out_dir;
-    the points of the file `own` alone)."""
-    done, mine = {}, {}
-    for f in sorted(Path(out_dir).glob("landscape.partial*.json")):
-        try:
-            saved = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue  # written atomically, so unreadable means foreign: ignore it
-        if saved.get("fingerprint") != fingerprint:
-            diff = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
-                          if fingerprint.get(k) != saved.get("fingerprint", {}).get(k))
-            raise AdapterError(f"{f} holds a partial grid made with other settings ({', '.join(diff)}); "
-                               "rerun with --fresh to discard it, or use another --out")
-        points = {k: tuple(v) for k, v in saved["points"].items()}
-        done.update(points)
-        if f == own:
-            mine = points
-    return done, mine
+def journal_file(out_dir, rank=0, world=1):
+    """Rank `rank`'s resume journal (adapters.io.Journal) of grid points in out_dir."""
+    return Path(out_dir) / ("landscape.partial.jsonl" if world == 1 else f"landscape.partial.rank{rank}.jsonl")
+
+
+def _done_points(out_dir, fingerprint):
+    """Every point already evaluated with exactly these settings, from every rank's journal in out_dir."""
+    done = {}
+    for f in sorted(Path(out_dir).glob("landscape.partial*.jsonl")):
+        done.update({k: tuple(v) for k, v in Journal(f, fingerprint).done().items()})
+    return done
 
 
 def landscape_grid(model, params, directions, batches_by_split, coords, *, score=class_scores, out_dir=None,
@@ -158,55 +188,42 @@ def landscape_grid(model, params, directions, batches_by_split, coords, *, score
 
     `directions`: one or two directions (lists of float32 tensors matching `params`).
 
-    Returns {split: {"loss": array, "accuracy": array}} with arrays indexed [i][j]. With out_dir,
-    partial results go to out_dir/landscape.partial[.rankR].json every `save_every` points and
-    are picked up again on the next call with the same fingerprint. Under torch.distributed, rank r
-    evaluates the tasks k with k % world == r and the results are all-gathered.
+    Returns {split: {"loss": array, "accuracy": array}} with arrays indexed [i][j]. With out_dir, each point is
+    appended to the resume journal out_dir/landscape.partial[.rankR].jsonl as it finishes (on disk every
+    `save_every` points; adapters.io.Journal) and picked up again on the next call with the same fingerprint.
+    Under torch.distributed, rank r evaluates the tasks k with k % world == r and the results are all-gathered.
     """
     dist, rank, world = _dist_info()
     shape = tuple(len(c) for c in coords)
     tasks = [(s, idx) for s in batches_by_split for idx in product(*(range(n) for n in shape))]
-    partial = None
+    journal = Journal(journal_file(out_dir, rank, world), fingerprint) if out_dir is not None else None
     if out_dir is not None:
-        partial = Path(out_dir) / ("landscape.partial.json" if world == 1 else f"landscape.partial.rank{rank}.json")
         if fresh and rank == 0:
-            for f in Path(out_dir).glob("landscape.partial*.json"):
+            for f in Path(out_dir).glob("landscape.partial*"):
                 f.unlink()
         if dist is not None:
             dist.barrier()
-    # Every rank reads every partial (to skip what any earlier run evaluated) but writes back only its own file's
-    # points and those it evaluates itself; the barrier makes all ranks read before any rank writes, so no rank
-    # picks up (and re-saves as its own) a file another rank is in the middle of filling.
-    done, kept = {}, {}
-    if out_dir is not None and Path(out_dir).exists():
-        done, kept = _load_partials(out_dir, fingerprint, partial)
+    # Every rank reads every journal (to skip what any earlier run evaluated) and appends only the points it
+    # evaluates itself to its own; the barrier makes all ranks read before any rank writes.
+    done = _done_points(out_dir, fingerprint) if out_dir is not None and Path(out_dir).exists() else {}
     if dist is not None and out_dir is not None:
         dist.barrier()
     mine = [t for k, t in enumerate(tasks) if k % world == rank and _key(*t) not in done]
     evaluated = {}
 
-    def save():
-        if partial is not None:
-            points = {**kept, **evaluated}
-            write_json(partial, {"fingerprint": fingerprint, "points": {k: list(v) for k, v in points.items()}})
-
     pert = Perturbation(params, directions)
-    last_save, unsaved = time.monotonic(), 0
     try:
         with eval_mode(model), tqdm(total=len(mine), desc=f"landscape (rank {rank}/{world})" if world > 1
                                     else "landscape", disable=not progress or rank != 0) as bar:
             for split, idx in mine:
                 pert.set([c[i] for c, i in zip(coords, idx)])
-                evaluated[_key(split, idx)] = _evaluate(model, batches_by_split[split], score)  # eval mode set above
+                key = _key(split, idx)
+                evaluated[key] = _evaluate(model, batches_by_split[split], score)  # eval mode set above
+                if journal is not None:
+                    journal.add(key, list(evaluated[key]), sync_every=save_every)
                 bar.update(1)
-                unsaved += 1
-                if unsaved >= save_every or time.monotonic() - last_save > 60:
-                    save()
-                    last_save, unsaved = time.monotonic(), 0
     finally:
         pert.restore()
-        if unsaved:
-            save()
     gathered = [evaluated]
     if dist is not None:  # every rank read the same files; what is new is what each one evaluated
         gathered = [None] * world
@@ -318,37 +335,17 @@ def plot_1d(result, out_dir, formats):
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
-def _settings(settings):
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise AdapterError(f"unknown landscape setting(s): {', '.join(sorted(unknown))}")
-    s = {**DEFAULTS, **settings}
-    if s["dims"] not in (1, 2):
-        raise AdapterError(f"--dims must be 1 or 2, got {s['dims']!r}")
-    if not isinstance(s["grid"], int) or s["grid"] < 2:
-        raise AdapterError(f"--grid must be an integer ≥ 2, got {s['grid']!r}")
-    if s["grid"] % 2 == 0:
-        raise AdapterError(f"--grid must be odd so the checkpoint itself is the centre point, got {s['grid']}")
-    if not s["range"] > 0:
-        raise AdapterError(f"--range must be > 0, got {s['range']!r}")
-    if s["split"] not in SPLITS:
-        raise AdapterError(f"--split must be train or test, got {s['split']!r}")
-    if s["examples"] is not None and (not isinstance(s["examples"], int) or s["examples"] < 1):
-        raise AdapterError(f"--examples must be a positive integer or all, got {s['examples']!r}")
-    if s["batch_size"] < 1:
-        raise AdapterError(f"--batch-size must be ≥ 1, got {s['batch_size']}")
-    d = s["directions"]
+def check_config(config):
+    """What the fields' ranges cannot say: the directions, and which go with which dims and space."""
+    d = config.directions
     if not (d in ("random", "pca") or (isinstance(d, str) and d.startswith("to:") and len(d) > 3)):
         raise AdapterError(f"--directions must be random, pca or to:CKPT2, got {d!r}")
-    if d.startswith("to:") and s["dims"] != 1:
+    if d.startswith("to:") and config.dims != 1:
         raise AdapterError("--directions to:CKPT2 is the 1-D segment between two checkpoints; use --dims 1")
-    if s["space"] not in spaces.SPACES or s["parametrization"] not in spaces.PARAMETRIZATIONS:
-        raise AdapterError(f"--space must be one of {', '.join(spaces.SPACES)} and --parametrization one of "
-                           f"{', '.join(spaces.PARAMETRIZATIONS)}, got {s['space']!r}, {s['parametrization']!r}")
-    if d == "pca" and s["space"] == "effective":
+    if d == "pca" and config.space == "effective":
         raise AdapterError("--directions pca needs --space trainable or all: the trajectory snapshots hold the "
                            "trained tensors, not W0 + ΔW")
-    return s
+    return config
 
 
 def trajectory_files(ckpt):
@@ -418,164 +415,160 @@ def _segment(ckpt, target, model):
     return named, d
 
 
-def run(ckpt, **settings):
+@contextmanager
+def _process_group():
+    """Under torchrun (WORLD_SIZE > 1) without a process group yet: a gloo group for the run, destroyed after."""
+    import torch.distributed as tdist
+    own = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized()
+    if own:
+        tdist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        if own:
+            tdist.destroy_process_group()
+
+
+def run(ckpt, config=None, **settings):
     """Compute the landscape of checkpoint `ckpt`; write DIR/landscape.json and figures; return the dict.
 
-    Settings (defaults in DEFAULTS): dims, directions ("random" | "pca" | "to:CKPT2"), space,
-    parametrization, matrices (compared matrices of the effective space), grid, range, split, examples (None = all),
-    batch_size, seed, include_1d, out (default: ckpt), fresh, device, save_every, progress, formats.
+    config: a LandscapeConfig (default: its defaults), `settings` replacing its fields: dims, directions ("random" |
+    "pca" | "to:CKPT2"), space, parametrization, matrices (compared matrices of the effective space), grid, range,
+    split, examples (None = all), batch_size, seed, include_1d, out (default: ckpt), fresh, device, save_every,
+    progress, formats, and the data (task, data_file, n_train, ...: default the checkpoint's).
+    The steps: the space (the parameters moved), the directions, the examples, the grid (landscape_grid, resumable
+    and sharded over processes), the result and its figures.
     """
-    s = _settings(settings)
+    c = check_config(check(make(LandscapeConfig, config, **settings)))
     import adapters
     from adapters import evaluate as ev
     ckpt = str(ckpt)
     meta = adapters.read_meta(ckpt)
-    out = Path(s["out"] or ckpt)
-    if s["directions"] == "pca" and not trajectory_files(ckpt):
+    out = Path(c.out or ckpt)
+    if c.directions == "pca" and not trajectory_files(ckpt):
         load_trajectory(ckpt, [])  # raises the clear error before any model is loaded
-    import torch.distributed as tdist
-    own_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
-        tdist.init_process_group("gloo")
-        own_group = True
-    try:
+    with _process_group():
         _, rank, world = _dist_info()
-        device = torch.device(s["device"] or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                                              if torch.cuda.is_available() else "cpu"))
+        device = torch.device(c.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                                           if torch.cuda.is_available() else "cpu"))
         model = adapters.load(ckpt).eval()
-        kind = s["directions"]
-        if kind.startswith("to:"):
-            named, D = _segment(ckpt, kind[3:], model)
+        if c.directions.startswith("to:"):
+            named, D = _segment(ckpt, c.directions[3:], model)
             space = {"space": "all", "matrices": None, "parametrization": {
                 "name": "merged", "scale": None, "definition": "every weight with the updates merged (W0 + ΔW), "
                 "interpolated tensor by tensor between the two checkpoints; tensors equal in both are left out"}}
-            s = {**s, "space": "all", "parametrization": "merged"}  # what the segment moves, whatever was asked
+            # what the segment moves, whatever was asked
+            c = dataclasses.replace(c, space="all", parametrization="merged")
+            D, info, trajectory = [[t.to(device) for t in D]], [
+                {"kind": "segment", "to": c.directions[3:], "normalisation": "none (α = 1 is CKPT2)"}], None
         else:
-            named, space = spaces.prepare(model, meta, s["space"], s["parametrization"], s["matrices"])
+            named, space = spaces.prepare(model, meta, c.space, c.parametrization, c.matrices)
         model.to(device)
         weights = [p for _, p in named]
-
-        trajectory = None
-        if kind == "random":
-            seeds = [s["seed"] + k for k in range(s["dims"])]
-            # Effective space: filters normalised against W0's rows, so every method of one base model is
-            # perturbed along the same directions; elsewhere against θ*'s own rows (Li et al.).
-            reference = spaces.base_reference(ckpt, space["matrices"]) if s["space"] == "effective" else weights
-            D = [[t.to(device) for t in dirs.random_direction(reference, sd, s["include_1d"])] for sd in seeds]
-            info = [{"kind": "random", "seed": sd, "distribution": "gaussian N(0,1)", "normalisation": "filter",
-                     "filter_reference": "W0" if s["space"] == "effective" else "θ*", "include_1d": s["include_1d"]}
-                    for sd in seeds]
-        elif kind == "pca":
-            scale = space["parametrization"]["scale"] if space["parametrization"]["name"] == "trained" else None
-            from adapters.inject import adapted_layers
-            # the trained parametrisation's s per layer (spaces.as_trained: one s, or {layer: s})
-            unfold = {f"{n}.B": scale[n] if isinstance(scale, dict) else scale
-                      for n in adapted_layers(model)} if scale else {}
-            steps, snaps = load_trajectory(ckpt, named, unfold)
-            center = dirs.flatten([w.detach().cpu() for w in weights])
-            flat, pinfo = dirs.pca_directions(snaps, center, s["dims"])
-            D = [[t.to(device) for t in dirs.unflatten(f, [w.detach() for w in weights])] for f in flat]
-            info = [{"kind": "pca", "component": k + 1, "snapshots": len(snaps),
-                     "explained_variance_ratio": pinfo["explained_variance_ratio"][k],
-                     "extent": pinfo["extent"][k], "normalisation": pinfo["normalisation"]}
-                    for k in range(s["dims"])]
-            xy, resid = dirs.project(snaps, center, flat)
-            trajectory = {"steps": steps, "coords": xy.tolist(), "relative_residual": resid}
-        else:
-            D = [[t.to(device) for t in D]]
-            info = [{"kind": "segment", "to": kind[3:], "normalisation": "none (α = 1 is CKPT2)"}]
+        if not c.directions.startswith("to:"):
+            D, info, trajectory = _directions(c, ckpt, model, named, space, device)
         for d, i in zip(D, info):
             i["norm"] = float(dirs.flatten(d).norm())
-        if len(D) == 2:
-            f0, f1 = dirs.flatten(D[0]), dirs.flatten(D[1])
-            cos = float(f0 @ f1 / (f0.norm() * f1.norm()).clamp_min(1e-30))
-        splits = list(SPLITS) if s["dims"] == 1 else [s["split"]]
-        splits = [s["split"]] + [x for x in splits if x != s["split"]]
-        data = {k: s[k] for k in TASK_OPTIONS}  # the checkpoint's own task unless --task / --data name one
-        batches = {sp: to_device(ev.checkpoint_batches(ckpt, sp, s["examples"], s["batch_size"], s["seed"], **data),
-                                 device) for sp in splits}
-        coords = [grid_coords(s["grid"], s["range"])] * s["dims"]
-        recorded = {k: v for k, v in s.items() if k not in ("out", "progress", "device", "formats", "fresh",
-                                                            "save_every")}
+        splits = list(SPLITS) if c.dims == 1 else [c.split]
+        splits = [c.split] + [x for x in splits if x != c.split]
+        # the checkpoint's own task unless --task / --data name one
+        batches = {sp: to_device(ev.checkpoint_batches(ckpt, sp, c.examples, c.batch_size, c.seed,
+                                                       **task_options(c)), device) for sp in splits}
+        coords = [grid_coords(c.grid, c.range)] * c.dims
+        recorded = shaping(c)  # the settings that shape the numbers (LandscapeConfig's results=True fields)
         fingerprint = {**recorded, "ckpt": str(Path(ckpt).resolve()),
                        "direction_norms": [round(i["norm"], 6) for i in info]}
         grids = landscape_grid(model, weights, D, batches, coords, score=checkpoint_score(ckpt), out_dir=out,
-                               fingerprint=fingerprint,
-                               save_every=s["save_every"], progress=s["progress"], fresh=s["fresh"])
-        main_grid = grids[s["split"]]
-        c = (s["grid"] - 1) // 2
-        result = {
-            "checkpoint": ckpt, "method": meta.get("method"), "title": _title(meta, s["space"]),
-            "settings": recorded, **space, "space_parameters": sum(w.numel() for w in weights),
-            "space_tensors": len(weights),
-            "examples": {sp: sum(len(b["labels"]) for b in batches[sp]) for sp in splits},
-            "coords": coords, "loss": main_grid["loss"].tolist(), "accuracy": main_grid["accuracy"].tolist(),
-            "center_loss": float(main_grid["loss"][(c,) * s["dims"]]),
-            "center_accuracy": float(main_grid["accuracy"][(c,) * s["dims"]]),
-            "directions": info, "sharpness": sharpness(coords, main_grid["loss"]),
-            "world_size": world,
-        }
-        if len(D) == 2:
-            result["directions_cosine"] = cos
-        if s["dims"] == 1:
-            result["curves"] = {sp: {k: v.tolist() for k, v in g.items()} for sp, g in grids.items()}
-        if trajectory:
-            result["trajectory"] = trajectory
+                               fingerprint=fingerprint, save_every=c.save_every, progress=c.progress, fresh=c.fresh)
+        result = _result(c, ckpt, meta, space, weights, D, info, trajectory, batches, coords, grids, world)
         if rank == 0:
-            figs = plot_1d(result, out, s["formats"]) if s["dims"] == 1 else plot_2d(result, out, s["formats"])
+            formats = command.figure_formats(c.formats)
+            figs = plot_1d(result, out, formats) if c.dims == 1 else plot_2d(result, out, formats)
             result["figures"] = [str(p) for p in figs]
             write_json(out / "landscape.json", result)
-            for f in out.glob("landscape.partial*.json"):
+            for f in out.glob("landscape.partial*"):  # the journals (and any of an older format)
                 f.unlink()
         return result
-    finally:
-        if own_group:
-            tdist.destroy_process_group()
+
+
+def _directions(c, ckpt, model, named, space, device):
+    """(the directions, what each is, the trajectory projected on them or None): `random` Gaussian directions,
+    filter-normalised, from seeds seed, seed+1; `pca` the top components of the saved trajectory."""
+    weights = [p for _, p in named]
+    if c.directions == "random":
+        seeds = [c.seed + k for k in range(c.dims)]
+        # Effective space: filters normalised against W0's rows, so every method of one base model is perturbed
+        # along the same directions; elsewhere against θ*'s own rows (Li et al.).
+        reference = spaces.base_reference(ckpt, space["matrices"]) if c.space == "effective" else weights
+        D = [[t.to(device) for t in dirs.random_direction(reference, sd, c.include_1d)] for sd in seeds]
+        info = [{"kind": "random", "seed": sd, "distribution": "gaussian N(0,1)", "normalisation": "filter",
+                 "filter_reference": "W0" if c.space == "effective" else "θ*", "include_1d": c.include_1d}
+                for sd in seeds]
+        return D, info, None
+    scale = space["parametrization"]["scale"] if space["parametrization"]["name"] == "trained" else None
+    from adapters.inject import adapted_layers
+    # the trained parametrisation's s per layer (spaces.as_trained: one s, or {layer: s})
+    unfold = {f"{n}.B": scale[n] if isinstance(scale, dict) else scale
+              for n in adapted_layers(model)} if scale else {}
+    steps, snaps = load_trajectory(ckpt, named, unfold)
+    center = dirs.flatten([w.detach().cpu() for w in weights])
+    flat, pinfo = dirs.pca_directions(snaps, center, c.dims)
+    D = [[t.to(device) for t in dirs.unflatten(f, [w.detach() for w in weights])] for f in flat]
+    info = [{"kind": "pca", "component": k + 1, "snapshots": len(snaps),
+             "explained_variance_ratio": pinfo["explained_variance_ratio"][k],
+             "extent": pinfo["extent"][k], "normalisation": pinfo["normalisation"]}
+            for k in range(c.dims)]
+    xy, resid = dirs.project(snaps, center, flat)
+    return D, info, {"steps": steps, "coords": xy.tolist(), "relative_residual": resid}
+
+
+def _result(c, ckpt, meta, space, weights, D, info, trajectory, batches, coords, grids, world):
+    """landscape.json's content: the grids of the chosen split, the centre, the directions, the sharpness."""
+    main_grid = grids[c.split]
+    mid = (c.grid - 1) // 2
+    result = {
+        "checkpoint": ckpt, "method": meta.get("method"), "title": _title(meta, c.space),
+        "settings": shaping(c), **space, "space_parameters": sum(w.numel() for w in weights),
+        "space_tensors": len(weights),
+        "examples": {sp: sum(len(b["labels"]) for b in bs) for sp, bs in batches.items()},
+        "coords": coords, "loss": main_grid["loss"].tolist(), "accuracy": main_grid["accuracy"].tolist(),
+        "center_loss": float(main_grid["loss"][(mid,) * c.dims]),
+        "center_accuracy": float(main_grid["accuracy"][(mid,) * c.dims]),
+        "directions": info, "sharpness": sharpness(coords, main_grid["loss"]),
+        "world_size": world,
+    }
+    if len(D) == 2:
+        f0, f1 = dirs.flatten(D[0]), dirs.flatten(D[1])
+        result["directions_cosine"] = float(f0 @ f1 / (f0.norm() * f1.norm()).clamp_min(1e-30))
+    if c.dims == 1:
+        result["curves"] = {sp: {k: v.tolist() for k, v in g.items()} for sp, g in grids.items()}
+    if trajectory:
+        result["trajectory"] = trajectory
+    return result
+
+
+def parser():
+    p = command.parser("python -m analysis.landscape", __doc__, LandscapeConfig)
+    p.add_argument("ckpt", metavar="CKPT")
+    return p
 
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(prog="python -m analysis.landscape", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt")
-    p.add_argument("--dims", type=int, default=2, choices=(1, 2))
-    p.add_argument("--directions", default="random", help="random | pca | to:CKPT2 (1-D segment)")
-    p.add_argument("--space", default="trainable", choices=spaces.SPACES,
-                   help="trainable: the method's trained scalars; effective: W0+ΔW of the compared matrices; all "
-                        "(the segment to:CKPT2 always moves every merged weight)")
-    p.add_argument("--parametrization", default="trained", choices=spaces.PARAMETRIZATIONS,
-                   help="trained: B with the scale in the forward (as trained); folded: the stored B' = s·B")
-    p.add_argument("--matrices", nargs="+", default=None, metavar="T",
-                   help="--space effective: the compared matrices (names, suffixes, regexes or all-linear; "
-                        "default: the adapted ones, or the architecture's default targets)")
-    p.add_argument("--grid", type=int, default=21, help="points per axis (odd, so the centre is on the grid)")
-    p.add_argument("--range", type=float, default=1.0, help="the grid covers [-range, range] per axis")
-    p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--examples", type=examples_arg, default=256, help="examples to evaluate (or all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="direction seeds are seed, seed+1; also the example subset")
-    p.add_argument("--include-1d", action="store_true", help="perturb biases/norms too (each as one filter)")
-    p.add_argument("--out", default=None, help="output directory (default: CKPT)")
-    p.add_argument("--fresh", action="store_true", help="discard partial results from an earlier run")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    add_task_arguments(p)
-    a = p.parse_args(argv)
-    r = run(a.ckpt, **task_options(a), dims=a.dims, directions=a.directions, space=a.space,
-            parametrization=a.parametrization, matrices=a.matrices, grid=a.grid, range=a.range,
-            split=a.split, examples=a.examples, batch_size=a.batch_size, seed=a.seed, include_1d=a.include_1d,
-            out=a.out, fresh=a.fresh, device=a.device, progress=not a.no_progress)
+    config, args = command.parse(parser(), LandscapeConfig, argv)
+    r = run(args["ckpt"], config)
     if r.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         sh = r["sharpness"]
         print(f"center loss {r['center_loss']:.6g} (accuracy {r['center_accuracy']:.4f}) on "
-              f"{r['examples'][a.split]} {a.split} examples, {r['space_parameters']} parameters "
+              f"{r['examples'][config.split]} {config.split} examples, {r['space_parameters']} parameters "
               f"({r['space']} space, {r['parametrization']['name']})")
         print("| radius | mean rise | max rise |\n|---|---|---|")
         for x in sh["loss_rise"]:
             print(f"| {x['radius']:.3g} | {x['mean_rise']:.4g} | {x['max_rise']:.4g} |")
         print("curvature at centre per direction:", ", ".join(f"{c:.4g}" for c in sh["curvature_at_center"]))
-        print(f"wrote {Path(a.out or a.ckpt) / 'landscape.json'}")
+        print(f"wrote {Path(config.out or args['ckpt']) / 'landscape.json'} and {len(r['figures'])} figure files")
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,14 +1,16 @@
 """The study's report: Tables 2 and 3, the bounds, the diagnostics, and how consistently each orders the methods.
 
     python -m analysis.report RUNS_DIR [--out figures/] [--loss-clip 4.0] [--bootstrap 2000] [--readme README.md]
+                                       [--formats md,tex,png,pdf]
 
 Every number is read from a run's own files (training_stats.json, diagnostics/*/…json) or computed by
 the package that owns its formula (bounds.report for the bounds, bounds.stats for every interval, test and τ,
 analysis.spectral for intruder averages); nothing is re-typed. This module puts the report together: the records
 (analysis.records), the statistics over seeds (analysis.summary), the claims (analysis.claims), the tables
-(analysis.tables), the figures (analysis.figures) and the README section (analysis.readme). `--readme FILE` rewrites
-FILE's results section, between the lines <!-- results:begin --> and <!-- results:end -->, with the same tables and
-the figures.
+(analysis.tables), the figures (analysis.figures) and the README section (analysis.readme). It writes OUT/report.json,
+the tables OUT/report.md and OUT/report.tex and the figures (--formats: md, tex; png, pdf, svg). `--readme FILE`
+rewrites FILE's results section, between the lines <!-- results:begin --> and <!-- results:end -->, with the same
+tables and the figures.
 
 Comparable across methods:
 - intruders are averaged over one matrix set for every method: the matrices the LoRA-family runs adapt (full
@@ -28,10 +30,14 @@ Honest about itself:
 - a λ_max whose Lanczos run did not converge is marked; where τ is shown, so are ties (the MI bound depends on P alone).
 """
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from adapters.errors import AdapterError, ArgumentParser, cli
+from adapters import command
+from adapters.errors import AdapterError, cli
 from adapters.io import write_json, write_text
+from adapters.settings import AT_LEAST_1, POSITIVE, Check, setting
 from analysis.claims import FAMILIES, MARGIN, claims
 from analysis.figures import plot_consistency, plot_landscapes, plot_outcomes, plot_spectral
 from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE, data_label
@@ -53,9 +59,11 @@ def _run_row(r):
                 **{k: r["stats"].get(k) for k in ("best_step", "stopped_at", "cap_steps", "kept")})
 
 
-def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf"), readme=None, margin=MARGIN):
-    """Read every run under `runs`, write report.{md,tex,json} and the figures to `out` (and the results section
-    of `readme`); return the dict."""
+def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("md", "tex", "png", "pdf"), readme=None,
+           margin=MARGIN):
+    """Read every run under `runs`, write report.json, the tables (report.md, report.tex: the table formats of
+    `formats`) and the figures (its figure formats) to `out` (and the results section of `readme`); return the
+    dict."""
     if readme is not None:
         readme_parts(readme)  # bad input first: nothing is written then
     records = collect(runs, loss_clip)
@@ -80,45 +88,69 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("png", "pdf
                     reference=read_json(Path(runs) / REFERENCE_FILE),
                     executor=(selection or {}).get("executor"), select_by=(selection or {}).get("select_by"))
     out = Path(out)
-    figures = (plot_outcomes(table, out, formats) + plot_consistency(records, taus, out, formats)
-               + plot_landscapes(records, out, formats) + plot_spectral(records, matrices, out, formats))
+    drawn = command.figure_formats(formats)
+    figures = (plot_outcomes(table, out, drawn) + plot_consistency(records, taus, out, drawn)
+               + plot_landscapes(records, out, drawn) + plot_spectral(records, matrices, out, drawn)) if drawn else []
     md = markdown(table, taus, settings, found)
     result = dict(settings=settings, methods=table, consistency=taus, claims=found,
                   runs=[_run_row(r) for r in records], figures=[str(p) for p in figures], markdown=md)
     if readme is not None:
         result["readme_section"] = readme_section(result, readme)
-    write_text(out / "report.md", md)
-    write_text(out / "report.tex", latex(table, settings["reference"], study))
+    tables = command.table_formats(formats)
+    if "md" in tables:
+        write_text(out / "report.md", md)
+    if "tex" in tables:
+        write_text(out / "report.tex", latex(table, settings["reference"], study))
     write_json(out / "report.json", result)
     if readme is not None:
         write_readme(readme, result["readme_section"])
     return result
 
 
+# δ of the accuracy claims: a difference of accuracies, strictly between 0 and 1 (analysis.study checks it too).
+MARGIN_RANGE = Check("in (0, 1), a difference of accuracies", lambda v: 0 < v < 1)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The settings of `python -m analysis.report` (the runs directory is its positional argument)."""
+    loss_clip: float = setting(4.0, "σ = b/2 for the clipped loss min(ℓ, b) in the MI bound (docs/THEORY.md "
+                               "section 1)", check=POSITIVE)
+    bootstrap: int = setting(2000, "bootstrap resamples for τ and for the test examples of a paired difference",
+                             check=AT_LEAST_1)
+    margin: float = setting(MARGIN, "δ of the accuracy claims (non-inferiority, equivalence)", check=MARGIN_RANGE)
+    formats: tuple = command.formats()
+    readme: Optional[str] = setting(None, f"rewrite this file's section between {README_BEGIN} and {README_END} "
+                                    "with the results", results=False, metavar="FILE")
+    out: str = command.out("figures", "report.json, report.md / report.tex and the figures per --formats")
+
+
+def parser():
+    p = command.parser("python -m analysis.report", __doc__, ReportConfig)
+    p.add_argument("runs", metavar="RUNS", help="the study's runs directory (analysis.study --runs)")
+    return p
+
+
+def written(result, out, formats, readme=None):
+    """The summary line of what report() wrote into `out` (and `readme`)."""
+    out = Path(out)
+    files = [out / "report.json"] + [out / f"report.{f}" for f in command.table_formats(formats)]
+    drawn = command.figure_formats(formats)
+    text = f"wrote {', '.join(map(str, files))}"
+    if drawn:
+        text += f" and {len(result['figures'])} figures ({', '.join(drawn)}) in {out}"
+    return text + (f"; the results section of {readme}" if readme is not None else "")
+
+
 @cli
 def main(argv=None):
-    p = ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs")
-    p.add_argument("--out", default="figures", help="where the tables and figures go (default: figures)")
-    p.add_argument("--loss-clip", type=float, default=4.0,
-                   help="σ = b/2 for the clipped loss min(ℓ, b) in the MI bound (docs/THEORY.md section 1; default 4)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for τ and for the test examples "
-                                                               "of a paired difference (default 2000)")
-    p.add_argument("--margin", type=float, default=MARGIN, help=f"δ of the accuracy claims (non-inferiority, "
-                                                                f"equivalence; default {MARGIN:g})")
-    p.add_argument("--formats", default="png,pdf", help="figure formats (default png,pdf)")
-    p.add_argument("--readme", default=None, help=f"rewrite this file's section between {README_BEGIN} and "
-                                                  f"{README_END} with the results")
-    args = p.parse_args(argv)
-    if not Path(args.runs).is_dir():
-        raise AdapterError(f"runs directory not found: {args.runs}")
-    if args.bootstrap < 1:
-        raise AdapterError(f"--bootstrap must be >= 1, got {args.bootstrap}")
-    if not 0 < args.margin < 1:
-        raise AdapterError(f"--margin must be in (0, 1), a difference of accuracies, got {args.margin}")
-    result = report(args.runs, args.out, args.loss_clip, args.bootstrap, tuple(args.formats.split(",")), args.readme,
-                    args.margin)
+    config, args = command.parse(parser(), ReportConfig, argv)
+    if not Path(args["runs"]).is_dir():
+        raise AdapterError(f"runs directory not found: {args['runs']}")
+    result = report(args["runs"], config.out, config.loss_clip, config.bootstrap, config.formats, config.readme,
+                    config.margin)
     print(result["markdown"])
+    print(written(result, config.out, config.formats, config.readme))
     return 0
 
 

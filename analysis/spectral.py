@@ -8,13 +8,14 @@ u_j of W (by singular value) has
 and is an intruder at threshold ε when c_j < ε (Shuttleworth et al., 2024). With |·| the
 count does not depend on the signs an SVD routine picks. `--vectors right` uses V, V0.
 
-    python -m analysis.spectral CKPT [CKPT ...] [--k 10|all] [--eps 0.5] [--sweep]
-        [--vectors left|right] [--layers REGEX] [--out DIR] [--formats png,pdf]
-        [--dtype float64|float32|float16] [--device cuda] [--verify-base]
+    python -m analysis.spectral CKPT [CKPT ...] [--top-k 10|all] [--eps 0.5] [--sweep]
+        [--vectors left|right] [--layers REGEX] [--out DIR] [--formats md,png,pdf]
+        [--dtype float64|float32|float16] [--device cuda] [--verify-base] [--config FILE.yaml]
 
-writes DIR/spectral.json and figures (the ε-sweep with --sweep, a layers × module heatmap,
-W0-vs-W spectra of one matrix, total intruders per method), and prints a table. The base
-model's SVDs come from analysis.svd_cache. From Python: `run(paths, ...)` returns the dict.
+writes DIR/spectral.json, its table (spectral.md, with md in --formats) and figures (the ε-sweep with --sweep, a
+layers × module heatmap, W0-vs-W spectra of one matrix, total intruders per method), and prints the table. The
+base model's SVDs come from analysis.svd_cache. From Python: `run(paths, config=None, **settings)` (the settings
+of SpectralConfig) returns the dict.
 
 Scale. A LoRA-family checkpoint streams (adapters.weights): W0 is read matrix by matrix from the base's
 safetensors shards, never as a model. W differs from W0 by B A of rank ≤ k·r (folded links included), so
@@ -27,23 +28,26 @@ off the top K0 base vectors when that certifies it (analysis.spectral._prefix_ma
 exact full path. fft and head checkpoints are built as a model and take the full path.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
-import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapters import weights
-from adapters.errors import AdapterError, ArgumentParser, CheckpointError, cli
-from adapters.io import write_json
+from adapters import command, weights
+from adapters.errors import AdapterError, CheckpointError, cli
+from adapters.io import Journal, write_json, write_text
+from adapters.settings import Check, check, make, setting, shaping
 from analysis import style, svd_cache
-from analysis.svd_cache import DTYPES, SIDES, default_dir, svd
+from analysis.svd_cache import DTYPES, SIDES, svd
 from bounds.spectral_norm import OVERSAMPLE, check_device, lowrank_singular_values, top_singular
 
 # ε over (0, 1] in steps of 0.05, as in the Beyond-LoRA figure.
@@ -51,6 +55,62 @@ EPS_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 # A singular vector that W shares with W0 has |cos| = 1 up to rounding (1 ± 1e-15 in float64);
 # it is set to exactly 1 so that the ε = 1 end of the sweep counts only vectors that moved.
 ONE_TOL = 1e-9
+
+
+def top_k_arg(text):
+    """--top-k: a positive integer, or "all" (every singular vector)."""
+    if text == "all":
+        return "all"
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return k
+
+
+@dataclass(frozen=True)
+class SpectralConfig:
+    """The settings of analysis.spectral: each field is a flag (python -m analysis.spectral --help) and a keyword of
+    run(); those with results=True are spectral.json's "settings"."""
+    top_k: Union[int, str] = setting(10, "top-k singular vectors of W, or all (the exact full-SVD path)",
+                                     type=top_k_arg, metavar="K|all")
+    eps: float = setting(0.5, "intruder threshold ε", check=Check("in (0, 1]", lambda v: 0 < v <= 1))
+    vectors: str = setting("left", "left (U) or right (V) singular vectors", choices=SIDES)
+    layers: Optional[str] = setting(None, "analyse the matrices whose name matches this regex (default: all)",
+                                    metavar="REGEX")
+    cache_dtype: str = setting("float64", "storage of the base-SVD cache: float16 is a quarter of float64's size; a "
+                               "count can then differ only for a c_j within the stored vectors' rounding (about "
+                               "5e-4) of ε", choices=tuple(DTYPES), flag="--dtype")
+    sweep: bool = setting(False, "draw the ε-sweep figure (the counts are always in the JSON)", results=False)
+    spectrum_layer: Optional[str] = setting(None, "the matrix of the spectrum figure, a regex (default: the first "
+                                            "analysed)", results=False, metavar="REGEX")
+    cache_dir: Optional[str] = setting(None, "the base-SVD cache (default: $BEYOND_LORA_CACHE or "
+                                       "~/.cache/beyond-lora/svd)", results=False, metavar="DIR")
+    verify_base: bool = setting(False, "build the base once to check the checkpoint's recorded weights hash "
+                                "(streaming does not)", results=False)
+    out: Optional[str] = command.out(None, "spectral.json, spectral.md and the figures (the command's default: "
+                                     "./spectral; run(): nothing written)")
+    formats: tuple = command.formats(("md", "png", "pdf"))
+    device: Optional[str] = setting(None, "where the SVDs run, e.g. cuda, cuda:1 (default: cpu)", results=False)
+    progress: bool = setting(True, "no progress bars", results=False, flag="--no-progress")
+
+
+def check_config(config):
+    """What the fields' ranges cannot say: top-k (an int or all), the regexes, the device, the formats."""
+    if not (config.top_k in (None, "all") or (isinstance(config.top_k, int) and not isinstance(config.top_k, bool)
+                                              and config.top_k >= 1)):
+        raise AdapterError(f"top_k must be a positive integer or 'all', got {config.top_k!r}")
+    check_device(config.device)
+    for pattern, flag in ((config.layers, "--layers"), (config.spectrum_layer, "--spectrum-layer")):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"{flag} {pattern!r} is not a valid regex: {e}") from None
+    command.check_formats(config.formats)
+    return config
 
 
 # ---------------------------------------------------------------- the definition, on tensors
@@ -194,44 +254,17 @@ def _select(names, layers, path):
     return chosen
 
 
-class _Partial:
-    """Records of one checkpoint's finished matrices, one JSON line each, so an interrupted run resumes per
-    matrix. Keyed by the checkpoint (path, adapter file size and mtime) and the settings; a torn last line
-    (a kill mid-write) is ignored."""
-
-    def __init__(self, directory, path, settings):
-        self.file = None
-        if directory is None:
-            return
-        files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json"))
-        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-        key = hashlib.sha256(json.dumps([str(Path(path).resolve()), stamp, settings]).encode()).hexdigest()[:24]
-        self.file = Path(directory) / ".partial" / f"{key}.jsonl"
-
-    def done(self):
-        out = {}
-        if self.file is not None and self.file.exists():
-            for line in self.file.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                out[rec["record"]["name"]] = rec
-        return out
-
-    def add(self, rec):
-        if self.file is not None:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-
-    def finish(self):
-        if self.file is not None:
-            self.file.unlink(missing_ok=True)
-            if self.file.parent.exists() and not any(self.file.parent.iterdir()):
-                self.file.parent.rmdir()
+def _journal(directory, path, settings):
+    """The resume journal (adapters.io.Journal) of one checkpoint's finished matrices under directory/.partial/, or
+    None without a directory: one file per checkpoint (path, its files' sizes and mtimes) and settings, so a
+    journal is only ever read back by the run it is of."""
+    if directory is None:
+        return None
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    fingerprint = dict(checkpoint=str(Path(path).resolve()), files=stamp, settings=settings)
+    key = hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:24]
+    return Journal(Path(directory) / ".partial" / f"{key}.jsonl", fingerprint)
 
 
 def analyse_checkpoint(path, *, k=10, eps=0.5, side="left", layers=None, cache_dir=None,
@@ -274,8 +307,8 @@ def analyse_checkpoint(path, *, k=10, eps=0.5, side="left", layers=None, cache_d
 
 def _analyse_stream(path, stream, k, eps, side, layers, cache_dir, progress, cache_dtype, device, resume_dir):
     names = _select(stream.names, layers, path)
-    partial = _Partial(resume_dir, path, [k, eps, side, cache_dtype, names])
-    done = partial.done()
+    journal = _journal(resume_dir, path, [k, eps, side, cache_dtype, names])
+    done = journal.done() if journal else {}
     records, hits, keys, times = [], 0, [], {}
     for name in tqdm(names, desc=f"spectral {Path(path).name}", unit="matrix", disable=not progress):
         if name in done:
@@ -292,7 +325,8 @@ def _analyse_stream(path, stream, k, eps, side, layers, cache_dir, progress, cac
             rec = (analyse_lowrank(name, W0, B, A, k=k, eps=eps, side=side, base=entry) if k is not None
                    else _full(name, W0, B, A, k=k, eps=eps, side=side, base=entry))
             seconds = time.perf_counter() - start  # reading W0, its base SVD (or the cache), the analysis
-            partial.add({"record": rec, "w0": key, "hit": hit, "seconds": seconds})
+            if journal:
+                journal.add(name, {"record": rec, "w0": key, "hit": hit, "seconds": seconds})
         records.append(rec)
         times[name] = seconds
         keys.append((name, key))
@@ -302,7 +336,8 @@ def _analyse_stream(path, stream, k, eps, side, layers, cache_dir, progress, cac
         base_hash = "w0-sha256:" + hashlib.sha256("".join(f"{n}:{h}" for n, h in keys).encode()).hexdigest()
     result = {"path": str(path), "method": stream.meta["method"], "base_model_hash": base_hash, "reader": "stream",
               **summarise(records), "base_svd_cache_hits": hits, "seconds": times, "layers": records}
-    partial.finish()
+    if journal:
+        journal.finish()
     return result
 
 
@@ -326,74 +361,58 @@ def summarise(records):
     return {**over(records), "by_type": {t: over(rs) for t, rs in types.items()}}
 
 
-def _settings(k, eps, sweep_figure, side, layers, formats, spectrum_layer, cache_dir, cache_dtype="float64",
-              device=None, verify_base=False):
-    if cache_dtype not in DTYPES:
-        raise AdapterError(f"--dtype must be one of {', '.join(DTYPES)}, got {cache_dtype!r}")
-    check_device(device)
-    if not (k is None or (isinstance(k, int) and k >= 1)):
-        raise AdapterError(f"k must be a positive integer or 'all', got {k!r}")
-    if not 0 < eps <= 1:
-        raise AdapterError(f"eps must be in (0, 1], got {eps}")
-    if side not in SIDES:
-        raise AdapterError(f"--vectors must be 'left' or 'right', got {side!r}")
-    for pattern, flag in ((layers, "--layers"), (spectrum_layer, "--spectrum-layer")):
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise AdapterError(f"{flag} {pattern!r} is not a valid regex: {e}") from None
-    import matplotlib.figure
-    supported = matplotlib.figure.Figure().canvas.get_supported_filetypes()
-    bad = [f for f in formats if f not in supported]
-    if bad:
-        raise AdapterError(f"unsupported figure format(s) {bad}; choose from {sorted(supported)}")
-    return {
-        "k": "all" if k is None else k, "eps": eps, "sweep_figure": sweep_figure,
-        "eps_grid": list(EPS_GRID), "vectors": side, "layers": layers,
-        "spectrum_layer": spectrum_layer, "formats": list(formats),
-        "svd": ("torch.linalg.svd, float64, thin" if k is None else
-                "block Krylov on W0 + B A (float32, float64 where needed), each c_j certified to max_cos_error; "
-                "a full float64 SVD where a count stays undecided"),
-        "one_tolerance": ONE_TOL, "cache_dir": str(cache_dir or default_dir()), "cache_dtype": cache_dtype,
-        "device": str(device or "cpu"),
-        "base_check": ("the base's weights hash (--verify-base)" if verify_base else
-                       "none for streamed checkpoints (--verify-base checks the recorded hash)"),
-        "definition": "c_j = max_i |<v_j(W), v_i(W0)>| for the top-k singular vectors of "
-                      "W = W0 + dW; intruder when c_j < eps",
-    }
+def _recorded(config, spectrum_matrix):
+    """spectral.json's "settings": the settings that shape the numbers (SpectralConfig's results=True fields),
+    then what they imply (the ε grid, the SVD path, the definition) and the matrix of the spectrum figure."""
+    return {**shaping(config),
+            "eps_grid": list(EPS_GRID),
+            "svd": ("torch.linalg.svd, float64, thin" if config.top_k == "all" else
+                    "block Krylov on W0 + B A (float32, float64 where needed), each c_j certified to max_cos_error; "
+                    "a full float64 SVD where a count stays undecided"),
+            "one_tolerance": ONE_TOL,
+            "definition": "c_j = max_i |<v_j(W), v_i(W0)>| for the top-k singular vectors of "
+                          "W = W0 + dW; intruder when c_j < eps",
+            "spectrum_matrix": spectrum_matrix}
 
 
-def run(paths, k=10, eps=0.5, sweep=False, vectors="left", layers=None, out=None,
-        formats=("png", "pdf"), spectrum_layer=None, cache_dir=None, progress=True, cache_dtype="float64",
-        device=None, verify_base=False):
-    """Analyse checkpoints; return the spectral.json dict, and write it + figures to `out` if given.
+def run(paths, config=None, **settings):
+    """Analyse checkpoints; return the spectral.json dict, and write it + its table + figures to `out` if given.
 
-    k: int or "all"/None. sweep: also draw the ε-sweep figure (the sweep counts are always in
-    the JSON). Nothing is written unless every checkpoint was analysed; with `out`, finished matrices are
-    kept under out/.partial/ until then, so a rerun of an interrupted run resumes per matrix.
-    cache_dtype: the base-SVD cache's storage (svd_cache.DTYPES). device: where the SVDs run ("cuda").
+    config: a SpectralConfig (default: its defaults), `settings` replacing its fields (top_k: an int or "all"/None;
+    sweep: also draw the ε-sweep figure, the sweep counts are always in the JSON). Nothing is written unless every
+    checkpoint was analysed; with `out`, finished matrices are kept under out/.partial/ until then, so a rerun of
+    an interrupted run resumes per matrix. cache_dtype: the base-SVD cache's storage (svd_cache.DTYPES). device:
+    where the SVDs run ("cuda").
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise AdapterError("no checkpoints given")
-    k = None if k in (None, "all") else k
-    settings = _settings(k, eps, sweep, vectors, layers, tuple(formats), spectrum_layer, cache_dir, cache_dtype,
-                         device, verify_base)
-    checkpoints = [analyse_checkpoint(p, k=k, eps=eps, side=vectors, layers=layers, cache_dir=cache_dir,
-                                      progress=progress, cache_dtype=cache_dtype, device=device, resume_dir=out,
-                                      verify_base=verify_base) for p in paths]
-    result = {"settings": settings, "checkpoints": checkpoints}
-    settings["spectrum_matrix"] = _spectrum_matrix(checkpoints, spectrum_layer)
-    if out is not None:
-        # figures first, the JSON last: a spectral.json present means the run completed
-        result["figures"] = [str(p) for p in plot_all(result, out, formats, sweep)]
-        write_json(Path(out) / "spectral.json", result)
+    c = make(SpectralConfig, config, **settings)
+    if c.top_k is None:
+        c = dataclasses.replace(c, top_k="all")
+    c = check_config(check(c))
+    k = None if c.top_k == "all" else c.top_k
+    checkpoints = [analyse_checkpoint(p, k=k, eps=c.eps, side=c.vectors, layers=c.layers, cache_dir=c.cache_dir,
+                                      progress=c.progress, cache_dtype=c.cache_dtype, device=c.device,
+                                      resume_dir=c.out, verify_base=c.verify_base) for p in paths]
+    result = {"settings": _recorded(c, _spectrum_matrix(checkpoints, c.spectrum_layer)), "checkpoints": checkpoints}
+    if c.out is not None:
+        # tables and figures first, the JSON last: a spectral.json present means the run completed
+        if "md" in c.formats:
+            write_text(Path(c.out) / "spectral.md", markdown(result))
+            result["tables"] = [str(Path(c.out) / "spectral.md")]
+        result["figures"] = [str(p) for p in plot_all(result, c.out, command.figure_formats(c.formats), c.sweep)]
+        write_json(Path(c.out) / "spectral.json", result)
     return result
 
 
 # ---------------------------------------------------------------- figures
+def _top_k(s):
+    """The recorded top-k of spectral.json's settings ("k" in files written before it was named top_k)."""
+    return s["top_k"] if "top_k" in s else s["k"]
+
+
 def _labels(checkpoints):
     """Legend label per checkpoint: the method's paper name, plus the directory when repeated."""
     methods = [c["method"] for c in checkpoints]
@@ -410,7 +429,7 @@ def plot_sweep(result, out, formats):
                 linestyle=style.linestyle(c["method"]), marker="o", markersize=2.5)
     ax.set_xlabel("threshold ε")
     ax.set_ylabel("intruders per adapted matrix")
-    ax.set_title(("all" if s["k"] == "all" else f"top-{s['k']}") + f" {s['vectors']} singular vectors of W")
+    ax.set_title(("all" if _top_k(s) == "all" else f"top-{_top_k(s)}") + f" {s['vectors']} singular vectors of W")
     ax.set_xlim(0, 1.02)
     ax.legend(frameon=False)
     return style.save(fig, out, "intruders_sweep", formats)
@@ -502,7 +521,7 @@ def plot_totals(result, out, formats):
             ax.plot([x] * len(v), v, "k.", markersize=4)
     ax.set_xticks(range(len(methods)), [style.label(m) for m in methods], rotation=30, ha="right")
     s = result["settings"]
-    ax.set_ylabel(f"total intruders (top-{s['k']}, ε = {s['eps']})")
+    ax.set_ylabel(f"total intruders (top-{_top_k(s)}, ε = {s['eps']})")
     ax.grid(axis="x", visible=False)
     return style.save(fig, out, "intruders_total", formats)
 
@@ -523,7 +542,7 @@ def table(result):
     """Human-readable summary, one row per checkpoint."""
     s = result["settings"]
     head = f"{'method':<12} {'matrices':>8} {'intruders':>9} {'per matrix':>10} {'max ‖ΔW‖₂':>10}  path"
-    lines = [f"top-{s['k']} {s['vectors']} singular vectors, ε = {s['eps']}", head, "-" * len(head)]
+    lines = [f"top-{_top_k(s)} {s['vectors']} singular vectors, ε = {s['eps']}", head, "-" * len(head)]
     for c in result["checkpoints"]:
         n2 = max(r["delta_norm_2"] for r in c["layers"])
         lines.append(f"{style.label(c['method']):<12} {c['num_matrices']:>8} {c['total_intruders']:>9} "
@@ -531,50 +550,34 @@ def table(result):
     return "\n".join(lines)
 
 
-def _k(text):
-    if text == "all":
-        return "all"
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k must be a positive integer or 'all', got {text!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"--k must be a positive integer or 'all', got {text!r}")
-    return k
+def markdown(result):
+    """The table of `table` in Markdown (spectral.md)."""
+    s = result["settings"]
+    lines = [f"Intruders among the top-{_top_k(s)} {s['vectors']} singular vectors of each adapted matrix, "
+             f"ε = {s['eps']}.", "", "| method | matrices | intruders | per matrix | max ‖ΔW‖₂ | checkpoint |",
+             "|---|---:|---:|---:|---:|---|"]
+    for c in result["checkpoints"]:
+        n2 = max(r["delta_norm_2"] for r in c["layers"])
+        lines.append(f"| {style.label(c['method'])} | {c['num_matrices']} | {c['total_intruders']} | "
+                     f"{c['mean_intruders']:.3f} | {n2:.4g} | {c['path']} |")
+    return "\n".join(lines) + "\n"
 
 
 def parser():
-    p = ArgumentParser(prog="python -m analysis.spectral", description=__doc__.split("\n")[0])
+    p = command.parser("python -m analysis.spectral", __doc__, SpectralConfig)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
-    p.add_argument("--k", type=_k, default=10, help="top-k singular vectors of W, or 'all' (default 10)")
-    p.add_argument("--eps", type=float, default=0.5, help="intruder threshold ε (default 0.5)")
-    p.add_argument("--sweep", action="store_true", help="draw the ε-sweep figure (counts are always in the JSON)")
-    p.add_argument("--vectors", choices=SIDES, default="left")
-    p.add_argument("--layers", default=None, metavar="REGEX", help="analyse matrices whose name matches")
-    p.add_argument("--spectrum-layer", default=None, metavar="REGEX",
-                   help="matrix for the spectrum figure (default: the first analysed)")
-    p.add_argument("--out", default="spectral", metavar="DIR", help="output directory (default ./spectral)")
-    p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated")
-    p.add_argument("--cache-dir", default=None, help="SVD cache ($BEYOND_LORA_CACHE or ~/.cache/beyond-lora/svd)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float64", dest="cache_dtype",
-                   help="storage of the base-SVD cache: float16 is a quarter of float64's size; a count can then "
-                        "differ only for a c_j within the stored vectors' rounding (about 5e-4) of ε")
-    p.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
-    p.add_argument("--verify-base", action="store_true",
-                   help="build the base once to check the checkpoint's recorded weights hash (streaming does not)")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
 @cli
 def main(argv=None):
-    a = parser().parse_args(argv)
-    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
-    result = run(a.checkpoints, k=a.k, eps=a.eps, sweep=a.sweep, vectors=a.vectors, layers=a.layers,
-                 out=a.out, formats=formats, spectrum_layer=a.spectrum_layer, cache_dir=a.cache_dir,
-                 progress=not a.no_progress, cache_dtype=a.cache_dtype, device=a.device, verify_base=a.verify_base)
+    config, args = command.parse(parser(), SpectralConfig, argv, renamed={"--k": "--top-k"})
+    if config.out is None:
+        config = dataclasses.replace(config, out="spectral")
+    result = run(args["checkpoints"], config)
     print(table(result))
-    print(f"wrote {Path(a.out) / 'spectral.json'} and {len(result['figures'])} figure files")
+    print(f"wrote {Path(config.out) / 'spectral.json'} ({len(result.get('tables', []))} table and "
+          f"{len(result['figures'])} figure files)")
     return 0
 
 

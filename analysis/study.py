@@ -35,15 +35,19 @@ interrupted run resumes from its last state. The untrained model, evaluated on t
 """
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
+from adapters import command
 from adapters.data import BUILTIN
-from adapters.errors import AdapterError, ArgumentParser, HelpFormatter, cli
+from adapters.errors import AdapterError, cli
 from adapters.io import write_json
 from adapters.methods import CHAIN_LENGTH, METHODS
+from adapters.settings import as_dict, setting
 from analysis.claims import MARGIN
 from analysis.layout import REFERENCE_FILE, SELECTION_FILE, STUDY_FILE, run_dir
+from analysis.report import MARGIN_RANGE
 
 # The paper's central comparison, the default: the sparse methods, their parameter-matched baselines (asym for cla and
 # rcla, rac for c3la and rc3la) and LoRA, every one a claim of the report. `--methods paper` is the paper's 11.
@@ -115,23 +119,23 @@ def trains(method):
     return "A and B, LoRA+" if spec.adapter.lr_ratio != 1 else "A and B"
 
 
-def _spectral(ckpt, out, budget, progress):
+def _spectral(ckpt, out, budget, progress, device=None):
     from analysis import spectral
-    spectral.run([ckpt], k="all", eps=0.5, sweep=True, out=out, formats=("png",), progress=progress)
+    spectral.run([ckpt], top_k="all", eps=0.5, sweep=True, out=out, formats=("png",), progress=progress, device=device)
 
 
 def _landscape(space):
-    def compute(ckpt, out, budget, progress):
+    def compute(ckpt, out, budget, progress, device=None):
         from analysis import landscape
         landscape.run(ckpt, out=out, space=space, directions="random", formats=("png",), progress=progress,
-                      **budget["landscape"])
+                      device=device, **budget["landscape"])
     return compute
 
 
 def _hessian(space):
-    def compute(ckpt, out, budget, progress):
+    def compute(ckpt, out, budget, progress, device=None):
         from analysis import hessian
-        hessian.run(ckpt, out=out, space=space, progress=progress, **budget["hessian"])
+        hessian.run(ckpt, out=out, space=space, progress=progress, device=device, **budget["hessian"])
     return compute
 
 
@@ -156,14 +160,15 @@ def _complete(path, budget_key, space, budget):
     return done.get("space") == space and all(done["settings"].get(k) == v for k, v in wanted.items())
 
 
-def diagnose(ckpt, which, budget, progress=False):
-    """Compute one diagnostic for a checkpoint into ckpt/diagnostics/<which>/ (skipped if complete)."""
+def diagnose(ckpt, which, budget, progress=False, device=None):
+    """Compute one diagnostic for a checkpoint into ckpt/diagnostics/<which>/ (skipped if complete), on `device`
+    (default: the diagnostic's own)."""
     if which not in DIAGNOSE:
         raise AdapterError(f"unknown diagnostic {which!r}; choose from {', '.join(DIAGNOSE)}")
     compute, mark, budget_key, space = DIAGNOSE[which]
     out = Path(ckpt) / "diagnostics" / which
     if not _complete(out / mark, budget_key, space, budget):
-        compute(ckpt, out, budget, progress)
+        compute(ckpt, out, budget, progress, device)
 
 
 def _check_settings(runs, settings):
@@ -195,6 +200,7 @@ class Diagnosis(NamedTuple):
     run: str
     which: str
     budget: str
+    device: Optional[str] = None
 
 
 def _train_job(runs, method, lr, seed, common):
@@ -234,13 +240,13 @@ def _reference_job(runs, common, seed):
     from adapters import evaluate, taskspec
     out = Path(runs) / REFERENCE_FILE
     if not out.exists():
-        evaluate.run(common["model"], seed=seed, out=out, progress=False,
+        evaluate.run(common["model"], seed=seed, out=out, progress=False, device=common.get("device"),
                      **{k: common.get(k) for k in taskspec.TASK_OPTIONS})
     return str(out)
 
 
-def _diagnose_job(run, which, budget):
-    diagnose(run, which, BUDGETS[budget])
+def _diagnose_job(run, which, budget, device=None):
+    diagnose(run, which, BUDGETS[budget], device=device)
     return run
 
 
@@ -368,14 +374,13 @@ def _data_limits(task, data_file, train_kwargs):
 def _check_runs(methods, grids, seeds, common, runs, task_type):
     """Every run's arguments, checked as adapters.train checks them, and the model against the task, before Ray
     starts (one line, exit 2, instead of an error inside a task)."""
-    import inspect
     from adapters import models, tasks
-    from adapters.train import check_arguments, train
-    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    from adapters.settings import make
+    from adapters.train import TrainConfig, check_arguments
     for m in methods:
         lr, seed = grids[m][0], seeds[0]
-        check_arguments({**defaults, **common, "method": m, "lr": lr, "seed": seed, "overwrite": True,
-                          "out": str(run_dir(runs, m, seed, lr))})
+        check_arguments(make(TrainConfig, **{**common, "method": m, "lr": lr, "seed": seed, "overwrite": True,
+                                             "out": str(run_dir(runs, m, seed, lr))}))
     tasks.check_model(tasks.get_task_type(task_type), common["model"], models.model_family(common["model"]))
 
 
@@ -400,7 +405,7 @@ class Study:
     def __init__(self, runs="runs", methods=DEFAULT_METHODS, seeds=None, select_seed=None, budget="default",
                  model="minilm", task="movie-reviews", data_file=None, rank=16, alpha=32, chain_length=CHAIN_LENGTH,
                  diagnostics=tuple(DIAGNOSE), lr_grid=None, select_by="val_metric", head_lr_mult=None,
-                 max_extensions=MAX_EXTENSIONS, **overrides):
+                 max_extensions=MAX_EXTENSIONS, device=None, **overrides):
         if budget not in BUDGETS:
             raise AdapterError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
         methods = expand_methods(methods)
@@ -432,6 +437,8 @@ class Study:
         train_kwargs, whole = _data_limits(task, data_file, train_kwargs)
         common = dict(model=model, task=task, data_file=data_file, rank=rank, alpha=alpha, chain_length=chain_length,
                       head_lr_mult=head_lr_mult, **train_kwargs)
+        if device is not None:  # where the runs train: not a setting of what they compute (not in study.json)
+            common["device"] = device
         # The task's resolved name and the data file, so a report never labels a user's table as the default task.
         self.settings = dict(model=model, task=whole.name, data=Path(data_file).name if data_file else None,
                              data_sha256=whole.sha256 if data_file else None,
@@ -442,7 +449,7 @@ class Study:
         self.runs_arg = runs
         self.runs = str(Path(runs).resolve())  # jobs may run in other processes, other working directories
         self.methods, self.grids, self.seeds, self.select_seed = methods, grids, seeds, select_seed
-        self.common, self.budget, self.diagnostics = common, budget, tuple(diagnostics)
+        self.common, self.budget, self.diagnostics, self.device = common, budget, tuple(diagnostics), device
         final = lambda m, lr: [(SEED, _train_job, Run(self.runs, m, lr, s, common)) for s in seeds]  # noqa: E731
         self.search = Search(self.runs, methods, grids, select_seed, common, select_by, max_extensions, final=final)
 
@@ -468,7 +475,7 @@ class Study:
         if fn is _train_job:
             result = _said(result)
             if args.seed != self.select_seed:
-                return [(DIAGNOSTIC, _diagnose_job, Diagnosis(result, which, self.budget))
+                return [(DIAGNOSTIC, _diagnose_job, Diagnosis(result, which, self.budget, self.device))
                         for which in self.diagnostics]
         more = self.search.then(fn, args, result)
         for _, job, job_args in more:
@@ -523,8 +530,9 @@ def sweep(runs="runs", methods=DEFAULT_METHODS, executor="ray", address=None, cp
     """Select each method's lr on validation at `select_seed` (extending a grid whose choice is at an edge), train
     every one of `seeds` at it, compute their diagnostics; skip what is complete. The selection seed's runs are never
     among the final runs: their validation score chose the lr, so their test score would carry that optimism. Every
-    argument and data problem is found before Ray starts (Study). Returns {method: [final run dirs]} (also in
-    RUNS/lr_selection.json with the selection)."""
+    argument and data problem is found before Ray starts (Study). `device` (a Study argument): where every run
+    trains (adapters.train's device) and every diagnostic and the reference evaluation run; where, not what: it is
+    not in study.json. Returns {method: [final run dirs]} (also in RUNS/lr_selection.json with the selection)."""
     from analysis.executor import make_executor
     prepared = Study(runs=runs, methods=methods, **study)
     pool = make_executor(executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
@@ -548,89 +556,114 @@ def _budget_default(key, where="train"):
                                         for name, v in values.items())
 
 
-def _parser():
-    d = SWEEP_DEFAULTS
-    p = ArgumentParser(prog="python -m analysis.study", description=__doc__.split("\n\n")[0],
-                       formatter_class=HelpFormatter)
-    p.add_argument("--runs", default=d["runs"], help="directory of the runs (one checkpoint per method and seed)")
-    p.add_argument("--out", default="figures", help="where the report's tables and figures go")
-    p.add_argument("--methods", nargs="+", default=d["methods"],
-                   help="methods to compare, or a set: " + "; ".join(f"{k} = {' '.join(v)}"
-                                                                     for k, v in METHOD_SETS.items()))
-    p.add_argument("--seeds", nargs="+", type=int, help=f"seeds of the final runs, the ones tested and compared "
-                   f"(default: {_budget_default('seeds', None)}); more seeds on a cluster: --seeds 1 2 3 4 5 6 7 8")
-    p.add_argument("--select-seed", type=int, help="the seed each method's lr is chosen at, never among --seeds "
-                   f"(default: {_budget_default('select_seed', None)})")
-    p.add_argument("--margin", type=float, default=MARGIN, help="δ of the accuracy claims: non-inferior (not worse "
-                   "by more than δ), equivalent (within ±δ), as a difference of accuracies in [0, 1]")
-    p.add_argument("--budget", default=d["budget"], choices=list(BUDGETS), help="sizes and steps of the runs and "
-                   "diagnostics")
-    p.add_argument("--model", default=d["model"], help="offline model name, transformers directory or hub id")
-    p.add_argument("--task", default=d["task"], help="a built-in task: " + ", ".join(BUILTIN)
-                   + " (with --data: the name your data is reported under; default: the file's name)")
-    p.add_argument("--data", dest="data_file", help="your data (see python -m adapters.train --help; default: none)")
-    p.add_argument("--rank", type=int, default=d["rank"], help="rank r of each link")
-    p.add_argument("--alpha", type=float, default=d["alpha"], help="scale s = alpha / r")
-    p.add_argument("--chain-length", type=int, default=d["chain_length"], help="links k of the chained methods")
-    p.add_argument("--lr-grid", nargs="+", type=float, metavar="LR",
-                   help="one starting lr grid for every method (default: a grid per kind of method: " + "; ".join(
-                       f"{kind} {' '.join(f'{lr:g}' for lr in grid)}" for kind, grid in LR_GRIDS.items()) + ")")
-    p.add_argument("--max-extensions", type=int, default=d["max_extensions"],
-                   help=f"grid steps an edge choice may extend its grid by, per side (lr kept in "
-                        f"[{LR_BOUNDS[0]:g}, {LR_BOUNDS[1]:g}])")
-    p.add_argument("--select-by", default=d["select_by"], choices=SELECT_BY,
-                   help="validation score that picks each method's lr (val_metric: the task metric, ties by loss)")
-    p.add_argument("--head-lr-mult", type=float, help="head lr = this × lr (default: 10 for fft and head, else 1)")
-    p.add_argument("--executor", default=d["executor"], choices=["ray", "serial"],
-                   help="ray (a local instance, or --address) or serial (in this process, for debugging)")
-    p.add_argument("--address", help="join this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT; default: a "
-                                     "local instance)")
-    p.add_argument("--cpus-per-run", type=float, default=d["cpus_per_run"],
-                   help="CPUs Ray reserves for each run and diagnostic")
-    p.add_argument("--gpus-per-run", type=float, default=d["gpus_per_run"],
-                   help="GPUs Ray reserves for each run and diagnostic")
-    t = p.add_argument_group("the runs (default: the budget's)")
-    t.add_argument("--epochs", type=float, help=f"cap in epochs ({_budget_default('epochs')})")
-    t.add_argument("--max-steps", type=int, help=f"cap in optimizer steps, instead of epochs "
-                                                 f"({_budget_default('max_steps')})")
-    for name in ("n_train", "n_val", "n_test"):
-        t.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"upper limit on the {name[2:]} examples "
-                                                                     f"({_budget_default(name)})")
-    t.add_argument("--eval-every", type=int,
-                   help=f"steps between validation evaluations ({_budget_default('eval_every')})")
-    t.add_argument("--patience", type=int, help=f"evaluations without an improvement before a run stops "
-                                                f"({_budget_default('patience')})")
-    t.add_argument("--min-delta", type=float, help=f"an improvement of the validation loss is larger than this "
-                                                   f"({_budget_default('min_delta')})")
-    t.add_argument("--no-early-stopping", dest="early_stopping", action="store_const", const=False,
-                   help="train every run to its cap (and keep the final weights)")
-    t.add_argument("--keep", choices=("best", "final"), help="weights tested and diagnosed (default: best with "
-                                                             "early stopping, final without)")
-    p.add_argument("--diagnostics", nargs="*", default=list(d["diagnostics"]), choices=list(DIAGNOSE),
-                   help="diagnostics of every final run")
-    p.add_argument("--no-report", action="store_true", help="only train and diagnose")
-    p.add_argument("--readme", default=None, help="also rewrite this README's results section (analysis.report)")
-    return p
+_RUNS = "the runs (default: the budget's)"
+# Where the study writes and how it runs: not what it computes (study.json records what it computes).
+_WHERE = dict(results=False)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The settings of `python -m analysis.study`: its flags, each with the default sweep() applies (SWEEP_DEFAULTS;
+    None: the budget's); main() hands them to sweep() and analysis.report."""
+    runs: str = setting(SWEEP_DEFAULTS["runs"], "directory of the runs (one checkpoint per method and seed)", **_WHERE)
+    out: str = setting("figures", "where the report's tables and figures go", **_WHERE)
+    methods: list[str] = setting(list(SWEEP_DEFAULTS["methods"]), "methods to compare, or a set: " + "; ".join(
+        f"{k} = {' '.join(v)}" for k, v in METHOD_SETS.items()))
+    seeds: Optional[list[int]] = setting(None, f"seeds of the final runs, the ones tested and compared (default: "
+                                         f"{_budget_default('seeds', None)}); more seeds on a cluster: --seeds 1 2 3 "
+                                         "4 5 6 7 8")
+    select_seed: Optional[int] = setting(None, "the seed each method's lr is chosen at, never among --seeds "
+                                         f"(default: {_budget_default('select_seed', None)})")
+    margin: float = setting(MARGIN, "δ of the accuracy claims: non-inferior (not worse by more than δ), equivalent "
+                            "(within ±δ), as a difference of accuracies in [0, 1]", check=MARGIN_RANGE)
+    budget: str = setting(SWEEP_DEFAULTS["budget"], "sizes and steps of the runs and diagnostics",
+                          choices=list(BUDGETS))
+    model: str = setting(SWEEP_DEFAULTS["model"], "offline model name, transformers directory or hub id")
+    task: str = setting(SWEEP_DEFAULTS["task"], "a built-in task: " + ", ".join(BUILTIN)
+                        + " (with --data: the name your data is reported under; default: the file's name)")
+    data_file: Optional[str] = setting(None, "your data (see python -m adapters.train --help; default: none)",
+                                       flag="--data")
+    rank: int = setting(SWEEP_DEFAULTS["rank"], "rank r of each link")
+    alpha: float = setting(SWEEP_DEFAULTS["alpha"], "scale s = alpha / r")
+    chain_length: int = setting(SWEEP_DEFAULTS["chain_length"], "links k of the chained methods")
+    lr_grid: Optional[list[float]] = setting(None, "one starting lr grid for every method (default: a grid per kind "
+                                             "of method: " + "; ".join(f"{kind} {' '.join(f'{lr:g}' for lr in grid)}"
+                                                                       for kind, grid in LR_GRIDS.items()) + ")",
+                                             metavar="LR")
+    max_extensions: int = setting(SWEEP_DEFAULTS["max_extensions"], f"grid steps an edge choice may extend its grid "
+                                  f"by, per side (lr kept in [{LR_BOUNDS[0]:g}, {LR_BOUNDS[1]:g}])")
+    select_by: str = setting(SWEEP_DEFAULTS["select_by"], "validation score that picks each method's lr (val_metric: "
+                             "the task metric, ties by loss)", choices=SELECT_BY)
+    head_lr_mult: Optional[float] = setting(None, "head lr = this × lr (default: 10 for fft and head, else 1)")
+    executor: str = setting(SWEEP_DEFAULTS["executor"], "ray (a local instance, or --address) or serial (in this "
+                            "process, for debugging)", choices=["ray", "serial"], **_WHERE)
+    address: Optional[str] = setting(None, "join this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT; default: a "
+                                     "local instance)", **_WHERE)
+    cpus_per_run: float = setting(SWEEP_DEFAULTS["cpus_per_run"], "CPUs Ray reserves for each run and diagnostic",
+                                  **_WHERE)
+    gpus_per_run: float = setting(SWEEP_DEFAULTS["gpus_per_run"], "GPUs Ray reserves for each run and diagnostic",
+                                  **_WHERE)
+    epochs: Optional[float] = setting(None, f"cap in epochs ({_budget_default('epochs')})", group=_RUNS)
+    max_steps: Optional[int] = setting(None, f"cap in optimizer steps, instead of epochs "
+                                       f"({_budget_default('max_steps')})", group=_RUNS)
+    n_train: Optional[int] = setting(None, f"upper limit on the train examples ({_budget_default('n_train')})",
+                                     group=_RUNS)
+    n_val: Optional[int] = setting(None, f"upper limit on the val examples ({_budget_default('n_val')})",
+                                   group=_RUNS)
+    n_test: Optional[int] = setting(None, f"upper limit on the test examples ({_budget_default('n_test')})",
+                                    group=_RUNS)
+    eval_every: Optional[int] = setting(None, f"steps between validation evaluations "
+                                        f"({_budget_default('eval_every')})", group=_RUNS)
+    patience: Optional[int] = setting(None, f"evaluations without an improvement before a run stops "
+                                      f"({_budget_default('patience')})", group=_RUNS)
+    min_delta: Optional[float] = setting(None, f"an improvement of the validation loss is larger than this "
+                                         f"({_budget_default('min_delta')})", group=_RUNS)
+    # None: the budget's; --no-early-stopping gives False (its flag is added by parser(): a switch to False).
+    early_stopping: Optional[bool] = setting(None, "train every run to its cap (and keep the final weights)",
+                                             flag="--no-early-stopping", group=_RUNS)
+    keep: Optional[str] = setting(None, "weights tested and diagnosed (default: best with early stopping, final "
+                                  "without)", choices=("best", "final"), group=_RUNS)
+    # Any number of them, none included (its flag is added by parser(): nargs="*").
+    diagnostics: list[str] = setting(list(SWEEP_DEFAULTS["diagnostics"]), "diagnostics of every final run",
+                                     choices=list(DIAGNOSE), nargs="*")
+    no_report: bool = setting(False, "only train and diagnose", **_WHERE)
+    readme: Optional[str] = setting(None, "also rewrite this README's results section (analysis.report)", **_WHERE)
+    formats: tuple = command.formats()
+    device: Optional[str] = setting(None, "where every run trains (adapters.train --device: cpu or cuda) and every "
+                                    "diagnostic and the reference evaluation run (default: cuda if available, else "
+                                    "cpu)", **_WHERE)
+
+
+def parser():
+    return command.parser("python -m analysis.study", __doc__, StudyConfig)
+
+
+def resolved_config(config):
+    """The settings as the run's config.yaml records them: a config file again (--config reads it back)."""
+    values = as_dict(config)
+    values["formats"] = ",".join(config.formats)
+    return values
 
 
 @cli
 def main(argv=None):
     import yaml
-    from adapters.config import parse_args_with_config
     from adapters.io import write_text
-    args = parse_args_with_config(_parser(), argv)  # --config FILE.yaml: its keys are flags; flags override it
-    write_text(Path(args["runs"]) / "config.yaml", yaml.safe_dump(args, sort_keys=False))  # the resolved config
-    out, no_report, readme, margin = args.pop("out"), args.pop("no_report"), args.pop("readme"), args.pop("margin")
-    if not 0 < margin < 1:
-        raise AdapterError(f"--margin must be in (0, 1), a difference of accuracies, got {margin}")
-    if readme is not None:
+    config, _ = command.parse(parser(), StudyConfig, argv)  # --config FILE.yaml: its keys are flags; flags win
+    write_text(Path(config.runs) / "config.yaml", yaml.safe_dump(resolved_config(config), sort_keys=False))
+    args = {k: v for k, v in as_dict(config).items() if k not in ("out", "no_report", "readme", "margin", "formats")}
+    if config.readme is not None:
         from analysis.readme import readme_parts
-        readme_parts(readme)  # a bad --readme stops the study before hours of training
-    sweep(**args)
-    if not no_report:
+        readme_parts(config.readme)  # a bad --readme stops the study before hours of training
+    final = sweep(**args)
+    line = f"wrote {sum(map(len, final.values()))} final runs and {SELECTION_FILE} in {config.runs}"
+    if not config.no_report:
         from analysis import report
-        result = report.report(args["runs"], out, readme=readme, margin=margin)
+        result = report.report(config.runs, config.out, readme=config.readme, margin=config.margin,
+                               formats=config.formats)
         print(result["markdown"])
+        line += "; " + report.written(result, config.out, config.formats, config.readme).removeprefix("wrote ")
+    print(line)
     return 0
 
 

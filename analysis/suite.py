@@ -2,6 +2,7 @@
 
     python -m analysis.suite suites/text.yaml                    # -> runs/text/<study>/, figures/text/
     python -m analysis.suite suites/paper.yaml --address auto    # the same on a Ray cluster
+    python -m analysis.suite suites/text.yaml --report-only      # the suite's report again, from the studies' reports
 
 A suite file is YAML. Its top-level keys are analysis.study's flags (dashes or underscores) and apply to every
 study; `studies:` lists the studies, each a mapping with a `name` and its own flags (model, task or data, ...),
@@ -34,13 +35,17 @@ The suite's own report (OUT/suite.{json,md,tex}, OUT/cd_diagram.png) puts the st
 """
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from adapters.errors import AdapterError, ArgumentParser, cli
+from adapters import command
+from adapters.errors import AdapterError, cli
 from adapters.io import write_json, write_text
 from adapters.methods import paper_order
+from adapters.settings import setting
 from analysis import suite_tables
 from analysis.claims import FAMILIES, decide
 from analysis.layout import STUDY_FILE, data_label
@@ -50,8 +55,11 @@ from bounds import stats
 # Keys that are the suite's, not a study's: one queue (executor, where, resources) and one margin for the claims
 # across tasks. They may be given at the top level only.
 SUITE_KEYS = ("executor", "address", "cpus_per_run", "gpus_per_run", "margin")
-# Where things go is the suite's command line: a study's runs are RUNS/<name>, its report OUT/<name>.
-NOT_IN_FILE = ("runs", "out", "readme", "no_report", "config")
+# Where things go is the suite's command line: a study's runs are RUNS/<name>, its report OUT/<name>; so are the
+# formats of the reports and the device every study runs on.
+NOT_IN_FILE = ("runs", "out", "readme", "no_report", "config", "formats", "device")
+# The reports' file formats unless --formats says otherwise: tables (md, tex) and figures (png, pdf).
+FORMATS = ("md", "tex", "png", "pdf")
 # A study's report goes ahead of every queued run (analysis.study's priorities are 0-3): it is a minute's work, and
 # it is what a user waits for while the other studies still train.
 REPORT = -1
@@ -66,7 +74,7 @@ def read_suite(path):
     duplicate name: AdapterError naming the study and the key."""
     import yaml
     from adapters.config import config_values
-    from analysis.study import _parser
+    from analysis.study import parser as study_parser
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -76,7 +84,7 @@ def read_suite(path):
         raise AdapterError(f"cannot read suite file {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict) or not isinstance(data.get("studies"), list) or not data["studies"]:
         raise AdapterError(f"{path}: a suite file is a mapping with a non-empty list `studies:` of studies")
-    parser = _parser()
+    parser = study_parser()
     top = {k: v for k, v in data.items() if k != "studies"}
     _refuse(path, "the top level", top, NOT_IN_FILE)
     shared = config_values(parser, top, f"{path}")
@@ -111,19 +119,19 @@ def _refuse(path, where, keys, refused):
     for key in keys:
         if str(key).replace("-", "_") in refused:
             raise AdapterError(f"{path}: {where}: key {key!r} is not a suite file's (the suite's command line sets "
-                               "where runs and reports go; executor, address, resources and margin are the top "
-                               "level's)")
+                               "where runs and reports go, their formats and the device; executor, address, "
+                               "resources and margin are the top level's)")
 
 
-def prepare(path, runs, out):
+def prepare(path, runs, out, device=None):
     """(suite settings, [(name, Study)]): every study prepared (its arguments, model and data checked), before any
-    job runs. An error names its study."""
+    job runs, each to run on `device` (analysis.study's --device). An error names its study."""
     from analysis.study import Study
     suite, entries = read_suite(path)
     studies = []
     for name, args in entries:
         try:
-            studies.append((name, Study(runs=Path(runs) / name, **args)))
+            studies.append((name, Study(runs=Path(runs) / name, device=device, **args)))
         except AdapterError as e:
             raise AdapterError(f"{path}: study {name}: {e}") from None
     return suite, studies
@@ -131,24 +139,26 @@ def prepare(path, runs, out):
 
 # ---- running it ---------------------------------------------------------------------------------------------------
 
-def _report_job(runs, out, margin):
+def _report_job(runs, out, margin, formats=FORMATS):
     """A study's report (analysis.report) once its last run and diagnostic are done."""
     from analysis import report
-    report.report(runs, out, margin=margin, formats=("png", "pdf"))
+    report.report(runs, out, margin=margin, formats=formats)
     return str(out)
 
 
 def run(path, runs=None, out=None, executor=None, address=None, cpus_per_run=None, gpus_per_run=None, progress=True,
-        report=True, readme=None):
+        report=True, readme=None, formats=FORMATS, device=None):
     """Run every study of the suite file at `path` in one queue, write each study's report as it finishes and then
-    the suite's report (write_report). Returns the suite's report (a dict), or None with report=False."""
+    the suite's report (write_report), in `formats` (tables md, tex; figures png, pdf, svg). Every study's runs,
+    diagnostics and reference run on `device` (default: cuda if available, else cpu). Returns the suite's report (a
+    dict), or None with report=False."""
     from analysis.executor import make_executor
     from analysis.study import stream
     path = Path(path)
     runs, out = locations(path, runs, out)
     if readme is not None:
         readme_parts(readme, "suite")  # a bad --readme stops the suite before hours of training
-    suite, studies = prepare(path, runs, out)
+    suite, studies = prepare(path, runs, out, device=device)
     given = dict(executor=executor, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
     suite.update({k: v for k, v in given.items() if v is not None})  # the command line over the file
     pool = make_executor(suite["executor"], address=suite["address"], cpus_per_run=suite["cpus_per_run"],
@@ -158,7 +168,8 @@ def run(path, runs=None, out=None, executor=None, address=None, cpus_per_run=Non
     def finished(study):  # a study's last job is done: its selection now, its report as a job of the queue
         name, _ = by_runs[study.runs]
         study.finish(pool.settings())
-        return [(REPORT, _report_job, (study.runs, str((out / name).resolve()), suite["margin"]))] if report else []
+        return [(REPORT, _report_job, (study.runs, str((out / name).resolve()), suite["margin"], formats))] \
+            if report else []
 
     began = time.time()
     try:
@@ -171,7 +182,7 @@ def run(path, runs=None, out=None, executor=None, address=None, cpus_per_run=Non
         return None
     settings = dict(suite=str(path), runs=str(runs), out=str(out), margin=suite["margin"],
                     executor=executor_settings, this_invocation_seconds=time.time() - began)
-    return write_report([name for name, _ in studies], runs, out, settings, readme=readme)
+    return write_report([name for name, _ in studies], runs, out, settings, readme=readme, formats=formats)
 
 
 def locations(path, runs=None, out=None):
@@ -181,7 +192,7 @@ def locations(path, runs=None, out=None):
     return Path(runs or Path("runs") / stem), Path(out or Path("figures") / stem)
 
 
-def report_again(path, runs=None, out=None, readme=None):
+def report_again(path, runs=None, out=None, readme=None, formats=FORMATS):
     """The suite's report made again from its studies' reports (each study's report.json in OUT/<name>/), keeping
     what the run recorded of its queue."""
     import json
@@ -195,7 +206,7 @@ def report_again(path, runs=None, out=None, readme=None):
     kept = {k: v for k, v in (json.loads(before.read_text())["settings"] if before.exists() else {}).items()
             if k in ("executor", "this_invocation_seconds")}
     return write_report(names, runs, out, dict(kept, suite=str(path), runs=str(runs), out=str(out),
-                                               margin=suite["margin"]), readme=readme)
+                                               margin=suite["margin"]), readme=readme, formats=formats)
 
 
 # ---- the suite's report -------------------------------------------------------------------------------------------
@@ -277,9 +288,10 @@ def claims_across(loaded, margin):
     return decide(rows)
 
 
-def write_report(names, runs, out, settings, readme=None, formats=("png", "pdf")):
+def write_report(names, runs, out, settings, readme=None, formats=FORMATS):
     """The suite's report from its studies' reports (study `name`: runs in RUNS/name, report in OUT/name):
-    OUT/suite.{json,md,tex} and the critical-difference diagram. Returns the dict written to suite.json."""
+    OUT/suite.json, the tables OUT/suite.md and OUT/suite.tex (the table formats of `formats`) and the
+    critical-difference diagram (its figure formats). Returns the dict written to suite.json."""
     from analysis.figures import plot_cd_diagram
     from analysis.records import study_elapsed
     loaded = [_load(name, Path(runs) / name, Path(out) / name) for name in names]
@@ -296,8 +308,9 @@ def write_report(names, runs, out, settings, readme=None, formats=("png", "pdf")
                              for s in loaded])
     figures = []
     post = ranked["posthoc"]
-    if post is not None and ranked["average_rank"]:
-        figures = plot_cd_diagram(ranked["average_rank"], post["p"], stats.ALPHA, Path(out), formats,
+    drawn = command.figure_formats(formats)
+    if post is not None and ranked["average_rank"] and drawn:
+        figures = plot_cd_diagram(ranked["average_rank"], post["p"], stats.ALPHA, Path(out), drawn,
                                   title=f"average rank over {len(ranked['complete_tasks'])} tasks; a bar joins "
                                         f"methods the post-hoc ({post['method']}) cannot tell apart at α = "
                                         f"{stats.ALPHA:g}")
@@ -307,46 +320,73 @@ def write_report(names, runs, out, settings, readme=None, formats=("png", "pdf")
     result["markdown"] = suite_tables.markdown(result)
     if readme is not None:
         result["readme_section"] = suite_tables.readme_section(result, readme)
-    write_text(Path(out) / "suite.md", result["markdown"])
-    write_text(Path(out) / "suite.tex", suite_tables.latex(result))
+    tables = command.table_formats(formats)
+    if "md" in tables:
+        write_text(Path(out) / "suite.md", result["markdown"])
+    if "tex" in tables:
+        write_text(Path(out) / "suite.tex", suite_tables.latex(result))
     write_json(Path(out) / "suite.json", result)
     if readme is not None:
         write_readme(readme, result["readme_section"], "suite")
     return result
 
 
+@dataclass(frozen=True)
+class SuiteConfig:
+    """The settings of `python -m analysis.suite` (the suite file is its positional argument); a study's own
+    settings are the suite file's."""
+    runs: Optional[str] = setting(None, "one study directory per name goes here (default: runs/<suite file's name>)",
+                                  results=False, metavar="DIR")
+    out: Optional[str] = command.out(None, "the suite's report (suite.json, suite.md / suite.tex, cd_diagram.*) and "
+                                     "each study's (OUT/<name>/) (default: figures/<suite file's name>)")
+    executor: Optional[str] = setting(None, "ray (default: a local instance, or --address) or serial (in this "
+                                      "process, for debugging)", choices=("ray", "serial"), results=False)
+    address: Optional[str] = setting(None, "join this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT)",
+                                     results=False)
+    cpus_per_run: Optional[float] = setting(None, "CPUs Ray reserves for each run and diagnostic (default: the "
+                                            "file's, else 1)", results=False)
+    gpus_per_run: Optional[float] = setting(None, "GPUs Ray reserves for each run and diagnostic (default: the "
+                                            "file's, else 0)", results=False)
+    report: bool = setting(True, "only train and diagnose", flag="--no-report", results=False)
+    report_only: bool = setting(False, "only the suite's report, from the studies' reports in OUT", results=False)
+    readme: Optional[str] = setting(None, "also rewrite this README's suite section (between <!-- suite:begin --> "
+                                    "and <!-- suite:end -->)", results=False, metavar="FILE")
+    formats: tuple = command.formats(FORMATS)
+    device: Optional[str] = setting(None, "where every study's runs train (adapters.train --device: cpu or cuda) and "
+                                    "its diagnostics and reference run (default: cuda if available, else cpu)",
+                                    results=False)
+
+
 def parser():
-    p = ArgumentParser(prog="python -m analysis.suite", description=__doc__.split("\n\n")[0])
+    p = command.parser("python -m analysis.suite", __doc__, SuiteConfig)
     p.add_argument("suite", help="the suite file (YAML): analysis.study's flags at the top level, `studies:` a list "
                                  "of {name, flags}; built-in suites in suites/")
-    p.add_argument("--runs", help="one study directory per name goes here (default: runs/<suite file's name>)")
-    p.add_argument("--out", help="the suite's report and each study's (OUT/<name>/) (default: figures/<suite file's "
-                                 "name>)")
-    p.add_argument("--executor", choices=["ray", "serial"], help="ray (default: a local instance, or --address) or "
-                                                                  "serial (in this process, for debugging)")
-    p.add_argument("--address", help="join this Ray cluster ('auto', HOST:PORT or ray://HOST:PORT)")
-    p.add_argument("--cpus-per-run", type=float, help="CPUs Ray reserves for each run and diagnostic (default: the "
-                                                       "file's, else 1)")
-    p.add_argument("--gpus-per-run", type=float, help="GPUs Ray reserves for each run and diagnostic (default: the "
-                                                       "file's, else 0)")
-    p.add_argument("--no-report", action="store_true", help="only train and diagnose")
-    p.add_argument("--report-only", action="store_true", help="only the suite's report, from the studies' reports "
-                                                              "in OUT")
-    p.add_argument("--readme", help="also rewrite this README's suite section (between <!-- suite:begin --> and "
-                                    "<!-- suite:end -->)")
     return p
+
+
+def written(result, path, runs, out, formats, readme=None):
+    """The summary line: where the suite's report (and its studies') went, or where the runs are."""
+    if result is None:
+        return f"wrote the runs of every study of {path} in {locations(path, runs, out)[0]}"
+    out = locations(path, runs, out)[1]
+    files = [out / "suite.json"] + [out / f"suite.{f}" for f in command.table_formats(formats)] \
+        + [Path(f) for f in result["figures"]]
+    return f"wrote {', '.join(map(str, files))} (each study's report in {out}/<name>/)" + (
+        f"; the suite section of {readme}" if readme is not None else "")
 
 
 @cli
 def main(argv=None):
-    args = parser().parse_args(argv)
-    if args.report_only:
-        result = report_again(args.suite, args.runs, args.out, args.readme)
+    config, args = command.parse(parser(), SuiteConfig, argv)
+    if config.report_only:
+        result = report_again(args["suite"], config.runs, config.out, config.readme, formats=config.formats)
     else:
-        result = run(args.suite, args.runs, args.out, args.executor, args.address, args.cpus_per_run,
-                     args.gpus_per_run, report=not args.no_report, readme=args.readme)
+        result = run(args["suite"], config.runs, config.out, config.executor, config.address, config.cpus_per_run,
+                     config.gpus_per_run, report=config.report, readme=config.readme, formats=config.formats,
+                     device=config.device)
     if result is not None:
         print(result["markdown"])
+    print(written(result, args["suite"], config.runs, config.out, config.formats, config.readme))
     return 0
 
 

@@ -86,7 +86,7 @@ def make_minilm_checkpoint(directory):
 
 
 def bench_cli(ckpt, threads=None):
-    """Wall and CPU time of one `python -m bounds CKPT --format json` (fresh process, imports included).
+    """Wall and CPU time of one `python -m bounds CKPT --out DIR --formats md` (fresh process, imports included).
 
     threads: OMP_NUM_THREADS for the child; on a loaded machine, OpenMP threads spinning against
     other processes can dominate the SVD time, so the table shows the single-thread run beside it.
@@ -96,13 +96,14 @@ def bench_cli(ckpt, threads=None):
         env["OMP_NUM_THREADS"] = str(threads)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bounds", str(ckpt), "--format", "json"],
+    out = Path(ckpt).parent / "bounds-report"
+    proc = subprocess.run([sys.executable, "-m", "bounds", str(ckpt), "--out", str(out), "--formats", "md"],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         return dict(what=f"python -m bounds {ckpt}", seconds=None, target="< 5 s", error=proc.stderr.strip())
-    row = json.loads(proc.stdout)[0]
+    row = json.loads((out / "bounds.json").read_text())[0]
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     how = f", OMP_NUM_THREADS={threads}" if threads else ""
     return dict(what=f"python -m bounds ({row['method']}, {row['theorem1']['layers']} matrices{how}) {ckpt}",

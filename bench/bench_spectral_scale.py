@@ -159,7 +159,7 @@ def worker(spec):
     else:
         k = spec["k"] if spec["what"] == "lowrank" else "all"
         layers = "^(" + "|".join(re.escape(n) for n in spec["names"]) + ")$"
-        res = spectral.run([spec["adapter"]], k=k, layers=layers, cache_dir=cache, progress=False)
+        res = spectral.run([spec["adapter"]], top_k=k, layers=layers, cache_dir=cache, progress=False)
         records, seconds = res["checkpoints"][0]["layers"], res["checkpoints"][0]["seconds"]
         result = dict(records={r["name"]: dict(max_cos=r["max_cos"][:spec["k"]], intruders=r["intruders"],
                                                sweep=r["sweep"], svd=r["svd"], seconds=seconds[r["name"]],

@@ -116,10 +116,11 @@ def measured_stats(losses):
     return stats
 
 
-def clipped_gap(path, stats, b, *, measured=None, progress=False):
+def clipped_gap(path, stats, b, *, measured=None, progress=False, device=None):
     """(Ĝ_b, how it was obtained): Ĝ_b = mean_test min(ℓ, b) − mean_train min(ℓ, b), the gap of the loss
     the bound holds for (means weighted as the task's loss is). Without a clip (user-given σ) it is None: Ĝ
-    itself is then the gap in question. `measured`: (per-example losses, their source) already at hand."""
+    itself is then the gap in question. `measured`: (per-example losses, their source) already at hand; `device`:
+    where the model runs when they are not (default: cuda if available, else cpu)."""
     if b is None:
         return None, "no clip level: σ is user-given, the bound is about Ĝ itself"
     gap = _gap(stats)
@@ -128,7 +129,7 @@ def clipped_gap(path, stats, b, *, measured=None, progress=False):
         return gap, f"= Ĝ: no per-example loss exceeds b = {b:g} (largest {max(maxima):.4g})"
     if measured is None:
         try:
-            measured = example_losses(path, progress=progress)
+            measured = example_losses(path, progress=progress, device=device)
         except AdapterError as e:  # fabricated or foreign checkpoints: say why there is no value
             return None, f"not computed (per-example losses need the checkpoint's weights and task: {e})"
     losses, source = measured
@@ -200,7 +201,7 @@ def layer_norms(path, *, device=None, cache_dir=None):
     """
     import adapters
     from adapters import weights
-    check_device(device, "--norm-device")
+    check_device(device, "--device")
     try:
         stream = weights.open_stream(path)
     except weights.NotStreamable:
@@ -259,11 +260,13 @@ def theorem1_terms(path, *, act_lipschitz, input_bound, loss_lipschitz, act_zero
 # -- one checkpoint ---------------------------------------------------------------------------------
 
 def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examples=None, bits=None,
-                   theorem1_options=None, task_options=None, progress=False):
+                   theorem1_options=None, task_options=None, progress=False, device=None):
     """Everything the report shows for one checkpoint, as a JSON-ready dict.
 
     `task_options` (adapters.taskspec.TASK_OPTIONS, any given): the statistics (|N|, losses, maxima, Ĝ) are
-    measured on the data they name instead of read from training_stats.json."""
+    measured on the data they name instead of read from training_stats.json. `device`: where the model runs when
+    per-example losses must be computed (default: cuda if available, else cpu); Theorem 1's norms run where
+    `theorem1_options["device"]` says."""
     import adapters
     path = str(path)
     meta = adapters.read_meta(path)
@@ -273,7 +276,7 @@ def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examp
         raise CheckpointError(f"corrupt training statistics {stats_file}: not a JSON object")
     measured, gap_source = None, "training_stats.json" if stats is not None else None
     if any(v is not None for v in (task_options or {}).values()):
-        measured = example_losses(path, progress=progress, **task_options)
+        measured = example_losses(path, progress=progress, device=device, **task_options)
         stats, gap_source = measured_stats(measured[0]), f"measured from per-example losses: {measured[1]}"
     elif stats is None:  # a plain PEFT directory: ask for everything it lacks at once, by flag
         needs = ([] if n_examples is not None else ["--n-examples N (|N|, the training examples)"]) + \
@@ -310,7 +313,8 @@ def checkpoint_row(path, *, sigma=None, loss_clip=None, sigma_from=None, n_examp
         paper_bound_vacuous=None)
     row["vacuous"] = is_vacuous(row["mi_bound"], b)
     row["gap_source"] = gap_source
-    row["clipped_gap"], row["clipped_gap_source"] = clipped_gap(path, stats, b, measured=measured, progress=progress)
+    row["clipped_gap"], row["clipped_gap_source"] = clipped_gap(path, stats, b, measured=measured, progress=progress,
+                                                                device=device)
     if theorem1_options is not None:
         t = theorem1_terms(path, **theorem1_options)
         row["theorem1"] = t

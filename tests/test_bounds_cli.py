@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import bounds
+from adapters.errors import AdapterError
 from bounds.__main__ import main
 
 LN2 = math.log(2.0)
@@ -56,17 +58,31 @@ def fabricate(directory, method, *, stats=None, bits=32, **meta_extra):
 
 
 def run_json(capsys, *argv):
-    assert main(["--format", "json", *argv]) == 0
-    return json.loads(capsys.readouterr().out)
+    """The rows of OUT/bounds.json (what --format json printed before) of `python -m bounds ARGV --out OUT`."""
+    with tempfile.TemporaryDirectory() as out:
+        assert main([*argv, "--out", out]) == 0
+        printed = capsys.readouterr().out
+        assert printed.splitlines()[-1].startswith(f"wrote {out}/bounds.json")  # the summary line, last
+        return json.loads((Path(out) / "bounds.json").read_text())
 
 
 def run_error(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code == 2
+    assert main(list(argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+def check_flags_are_the_fields(parser, settings_cls):
+    """Every field of a command's settings dataclass is one option of its parser: the field's flag, dest = the
+    field's name, default = the field's default (the one default: the function's, the parser's and --help's)."""
+    from adapters import settings
+    by_dest = {a.dest: a for a in parser._actions}
+    for f in settings.fields(settings_cls):
+        action = by_dest.get(f.name)
+        assert action is not None, f"setting {f.name} has no flag"
+        assert action.option_strings == [settings.option(f)], (f.name, action.option_strings)
+        assert action.default == settings.default(f), (f.name, action.default, settings.default(f))
 
 
 ALL_METHODS = ["fft", "head", "lora", "lora_plus", "asym", "cla", "rcla", "cola", "rac", "c3la", "rc3la",
@@ -94,7 +110,7 @@ def test_formula_mismatch_is_flagged(tmp_path, capsys):
     ckpt = fabricate(tmp_path / "c", "cola", chain_length=1)  # a chain that did not count its links
     [row] = run_json(capsys, ckpt, "--sigma", "1", "--no-theorem1")
     assert row["formula_match"] is False
-    assert main([ckpt, "--sigma", "1", "--no-theorem1"]) == 0
+    assert main([ckpt, "--sigma", "1", "--no-theorem1", "--out", str(tmp_path / "b")]) == 0
     assert "WARNING" in capsys.readouterr().out
 
 
@@ -110,7 +126,7 @@ def test_sigma_sources(tmp_path, capsys):
         assert row["loss_range"] == [0.0, 3.0] and "max-train-loss" in row["sigma_source"]
     [row] = run_json(capsys, ckpt, "--no-theorem1", "--sigma-from", "max-loss")
     assert row["sigma"] == 2.5 and "test split included" in row["sigma_source"]  # an explicit choice, labelled
-    assert main([ckpt, "--no-theorem1"]) == 0
+    assert main([ckpt, "--no-theorem1", "--out", str(tmp_path / "b")]) == 0
     assert "heuristic" in capsys.readouterr().out
     no_train_max = fabricate(tmp_path / "t", "cla", stats=dict(n_train=10, test_loss_max=5.0))
     assert "train_loss_max" in run_error(capsys, no_train_max, "--no-theorem1")
@@ -131,28 +147,29 @@ def test_kendall_tau_between_bound_and_gap(tmp_path, capsys):
 
 def test_markdown_and_latex_tables(tmp_path, capsys):
     ckpts = [fabricate(tmp_path / m, m) for m in ("cla", "fft", "lora")]
-    out = tmp_path / "table.tex"
-    assert main([*ckpts, "--sigma", "1", "--no-theorem1", "--format", "latex", "--out", str(out)]) == 0
-    tex = out.read_text()
-    assert capsys.readouterr().out == ""
+    out = tmp_path / "out"
+    assert main([*ckpts, "--sigma", "1", "--no-theorem1", "--out", str(out)]) == 0
+    tex = (out / "bounds.tex").read_text()
     for needle in (r"\toprule", r"\midrule", r"\bottomrule", "Full FT", "LoRA", "cLA", "Kendall"):
         assert needle in tex
     # grouped in the paper's order: full FT, LoRA family, sparse variants
     assert tex.index("full FT") < tex.index("LoRA family") < tex.index("sparse variants")
-    assert main([*ckpts, "--sigma", "1", "--no-theorem1"]) == 0
-    md = capsys.readouterr().out
+    md = (out / "bounds.md").read_text()
     assert md.startswith("| method") and md.count("\n| ") == 3  # header, then one row per checkpoint
     assert "Kendall τ" in md and "user-given" in md
-    assert not list(tmp_path.glob(".table.tex.*"))  # no temp file left behind
+    # stdout: the markdown table, then one line naming what was written
+    assert capsys.readouterr().out == md + f"wrote {out}/bounds.json, {out}/bounds.md, {out}/bounds.tex\n"
+    assert sorted(p.name for p in out.iterdir()) == ["bounds.json", "bounds.md", "bounds.tex"]  # no temp file left
 
 
 # -- bad input: one line, exit 2, nothing written ---------------------------------------------------
 
 def test_bad_input_exits_2(tmp_path, capsys):
     good = fabricate(tmp_path / "good", "cla")
-    out = tmp_path / "out.json"
+    out = tmp_path / "out"
     for argv in (["--sigma", "0"], ["--sigma", "-1"], ["--loss-clip", "0"], ["--bits", "0"], ["--bits", "-8"],
-                 ["--n-examples", "0"], ["--sigma", "abc"], ["--sigma", "1", "--loss-clip", "2"]):
+                 ["--n-examples", "0"], ["--sigma", "abc"], ["--sigma", "1", "--loss-clip", "2"],
+                 ["--sigma", "nan"], ["--lipschitz", "-1"], ["--lipschitz", "inf"]):
         run_error(capsys, good, "--no-theorem1", "--out", str(out), *argv)
     assert "sigma" in run_error(capsys, good, "--sigma", "0")
     # bits ≤ 0 in the checkpoint itself
@@ -184,16 +201,104 @@ def test_bad_input_exits_2(tmp_path, capsys):
     # a good checkpoint before a bad one: still nothing written
     run_error(capsys, good, bad, "--sigma", "1", "--no-theorem1", "--out", str(out))
     # Theorem 1 needs weights: a checkpoint without them is corrupt
-    run_error(capsys, good, "--sigma", "1")
+    run_error(capsys, good, "--sigma", "1", "--out", str(out))
     assert not out.exists()
+
+
+def test_every_setting_is_a_flag_and_a_config_file_is_the_same_flags(tmp_path):
+    from bounds.__main__ import BoundsConfig, parse, parser
+    check_flags_are_the_fields(parser(), BoundsConfig)
+    assert parse(["c1", "c2"]) == (BoundsConfig(), ["c1", "c2"])
+    flags = ["c1", "--loss-clip", "3", "--n-examples", "50", "--bits", "16", "--lipschitz", "1.5", "--input-bound", "2",
+             "--convention", "literal", "--no-theorem1", "--no-progress", "--n-test", "8", "--device", "cpu",
+             "--out", "o", "--formats", "md"]
+    config = tmp_path / "bounds.yaml"
+    config.write_text("loss-clip: 3\nn_examples: 50\nbits: 16\nlipschitz: 1.5\ninput_bound: 2\nconvention: literal\n"
+                      "no-theorem1: true\nprogress: false\nn-test: 8\ndevice: cpu\nout: o\nformats: md\n")
+    want = BoundsConfig(loss_clip=3.0, n_examples=50, bits=16.0, lipschitz=1.5, input_bound=2.0,
+                        convention="literal", theorem1=False, progress=False, n_test=8, device="cpu", out="o",
+                        formats=("md",))
+    assert parse(flags) == parse(["c1", "--config", str(config)]) == (want, ["c1"])
+    # σ from one place, in a file as on the command line
+    config.write_text("sigma: 1\nsigma-from: max-loss\n")
+    with pytest.raises(AdapterError, match="^--sigma and --sigma-from exclude each other"):
+        parse(["c1", "--config", str(config)])
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--norm-device", "cpu"], ["--norm-device is now --device", "use --device"]),
+    (["--norm-device=cpu"], ["--norm-device is now --device"]),
+    (["--format", "json"], ["--format is gone", "OUT/bounds.json", "--formats", "--out DIR"]),
+    (["--format=latex"], ["--format is gone", "OUT/bounds.json", "--formats"]),
+    (["--format", "md"], ["--format is gone"]),
+])
+def test_the_old_flags_are_refused_in_one_line_naming_the_new_ones(tmp_path, capsys, argv, names):
+    good = fabricate(tmp_path / "good", "cla")
+    err = run_error(capsys, good, "--sigma", "1", "--no-theorem1", "--out", str(tmp_path / "out"), *argv)
+    assert all(name in err for name in names), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_holds_the_json_and_the_tables_with_the_python_apis_numbers(tmp_path, capsys, tiny_base):
+    """bounds.json is what --format json printed: checkpoint_row's rows (strict JSON) with Kendall τ; bounds.md and
+    bounds.tex are the tables of those rows; a --formats without a table writes bounds.json alone."""
+    from bounds.__main__ import _finite
+    from bounds.report import checkpoint_row, compare
+    from bounds.tables import to_latex, to_markdown
+    ckpts = []
+    for i, method in enumerate(("cla", "lora")):
+        ckpts.append(str(tmp_path / method))
+        _trained_checkpoint(tiny_base, ckpts[-1], method, seed=i)
+    opts = ["--loss-clip", "3", "--lipschitz", "1.3", "--input-bound", "2", "--act-zero-norm", "0.1"]
+    out = tmp_path / "out"
+    assert main([*ckpts, *opts, "--out", str(out)]) == 0
+    t1 = dict(act_lipschitz=1.3, input_bound=2.0, loss_lipschitz=1.0, act_zero_norm=0.1, convention="derived",
+              device=None)
+    rows = [checkpoint_row(c, loss_clip=3.0, theorem1_options=t1, task_options={}) for c in ckpts]
+    comparison = compare(rows)
+    md, tex = to_markdown(rows, comparison), to_latex(rows, comparison)
+    want = json.loads(json.dumps(_finite([dict(r, kendall_tau=comparison) for r in rows])))
+    assert json.loads((out / "bounds.json").read_text()) == want
+    assert rows[0]["theorem1"]["layers"] and rows[0]["mi_bound"] > 0 and rows[1]["paper_bound"] is not None
+    assert (out / "bounds.md").read_text() == md and (out / "bounds.tex").read_text() == tex
+    assert capsys.readouterr().out == md + f"wrote {out}/bounds.json, {out}/bounds.md, {out}/bounds.tex\n"
+    assert main([*ckpts, *opts, "--out", str(tmp_path / "j"), "--formats", "png"]) == 0
+    assert [p.name for p in (tmp_path / "j").iterdir()] == ["bounds.json"]
+    assert json.loads((tmp_path / "j" / "bounds.json").read_text()) == want
+    assert capsys.readouterr().out == md + f"wrote {tmp_path}/j/bounds.json\n"
+
+
+def test_device_is_where_the_norms_and_the_model_run(tmp_path, capsys, monkeypatch):
+    """--device reaches both places bounds computes on: Theorem 1's spectral norms of W0 and the model run for
+    per-example losses (default None: each its own default, cpu for the norms, cuda if available for the model)."""
+    from bounds import report
+    ckpt = fabricate(tmp_path / "c", "cla")
+    seen = []
+
+    def losses(path, *, progress=False, device=None, **task_options):
+        seen.append(("model", device))
+        return {"train": ([0.1, 0.2], [1, 1]), "test": ([0.3, 0.5], [1, 1])}, "made up"
+
+    monkeypatch.setattr(report, "example_losses", losses)
+    monkeypatch.setattr(report, "layer_norms", lambda path, device=None: seen.append(("norms", device))
+                        or [("l1", 1.0, 0.5)])
+    for argv, device in (([], None), (["--device", "cpu"], "cpu")):
+        seen.clear()
+        assert main([ckpt, "--task", "tweets", "--loss-clip", "0.25", "--out", str(tmp_path / "o"), *argv]) == 0
+        assert sorted(seen) == [("model", device), ("norms", device)]
+    assert "--device no-such-device" in run_error(capsys, ckpt, "--device", "no-such-device", "--out",
+                                                  str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_module_entry_point(tmp_path):
     good = fabricate(tmp_path / "good", "cla")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    ok = subprocess.run([sys.executable, "-m", "bounds", good, "--sigma", "1", "--no-theorem1", "--format", "json"],
+    out = tmp_path / "out"
+    ok = subprocess.run([sys.executable, "-m", "bounds", good, "--sigma", "1", "--no-theorem1", "--out", str(out)],
                         capture_output=True, text=True, env=env)
-    assert ok.returncode == 0 and json.loads(ok.stdout)[0]["method"] == "cla"
+    assert ok.returncode == 0 and json.loads((out / "bounds.json").read_text())[0]["method"] == "cla"
+    assert ok.stdout.startswith("| method") and ok.stdout.splitlines()[-1].startswith("wrote ")
     bad = subprocess.run([sys.executable, "-m", "bounds", good, "--sigma", "0"], capture_output=True, text=True,
                          env=env)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and bad.stdout == ""
@@ -354,11 +459,10 @@ def test_vacuous_bounds_are_marked(tmp_path, capsys):
     assert row["mi_bound"] < 4 and row["vacuous"] is False
     [row] = run_json(capsys, ckpt, "--sigma", "2", "--no-theorem1")
     assert row["vacuous"] is None  # a user-given σ comes with no range: vacuity is unknown, not false
-    assert main([ckpt, "--loss-clip", "4", "--no-theorem1"]) == 0
+    assert main([ckpt, "--loss-clip", "4", "--no-theorem1", "--out", str(tmp_path / "b")]) == 0
     md = capsys.readouterr().out
     assert "‡" in md.splitlines()[2] and "‡ vacuous" in md
-    assert main([ckpt, "--loss-clip", "4", "--no-theorem1", "--format", "latex"]) == 0
-    assert r"$^\ddagger$" in capsys.readouterr().out
+    assert r"$^\ddagger$" in (tmp_path / "b" / "bounds.tex").read_text()
     assert bounds.is_vacuous(4.0, 4.0) and not bounds.is_vacuous(3.99, 4.0) and bounds.is_vacuous(1, None) is None
 
 
@@ -384,7 +488,7 @@ def test_clipped_gap_beside_the_unclipped_one(tmp_path, capsys):
     assert row["clipped_gap"] == pytest.approx(want, rel=1e-6) and abs(row["clipped_gap"]) <= b
     assert row["clipped_gap"] != pytest.approx(row["empirical_gap"], rel=1e-5)
     assert row["empirical_gap"] == stats["generalization_gap"]
-    assert main([str(real), "--loss-clip", str(b), "--no-theorem1"]) == 0
+    assert main([str(real), "--loss-clip", str(b), "--no-theorem1", "--out", str(tmp_path / "b")]) == 0
     assert "Ĝ clipped at b" in capsys.readouterr().out
 
 
@@ -394,8 +498,7 @@ def test_ties_of_the_mi_bound_are_said_where_tau_is_shown(tmp_path, capsys):
              for m, g in zip(["cla", "rcla", "asym", "lora"], [0.1, 0.3, 0.2, 0.4])]
     rows = run_json(capsys, *ckpts, "--no-theorem1")
     assert rows[0]["kendall_tau"]["mi_bound"]["distinct"] == 2
-    assert main([*ckpts, "--no-theorem1"]) == 0
+    assert main([*ckpts, "--no-theorem1", "--out", str(tmp_path / "b")]) == 0
     assert "MI bound takes 2 distinct values over 4 (it depends on the trained-scalar count P alone)" \
         in capsys.readouterr().out
-    assert main([*ckpts, "--no-theorem1", "--format", "latex"]) == 0
-    assert "2 distinct values over 4" in capsys.readouterr().out
+    assert "2 distinct values over 4" in (tmp_path / "b" / "bounds.tex").read_text()

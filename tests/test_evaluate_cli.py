@@ -54,18 +54,20 @@ def test_the_untrained_model_is_trainings_step_zero(kind, bases, tmp_path):
         assert other["splits"]["test"]["loss"] != pytest.approx(r["splits"]["test"]["loss"], rel=1e-6)
 
 
-def test_a_checkpoint_evaluates_to_its_training_stats(trained, capsys):
+def test_a_checkpoint_evaluates_to_its_training_stats(trained, tmp_path, capsys):
     stats = adapters.read_stats(trained)
-    assert evaluate.main([str(trained), "--no-progress"]) == 0
+    assert evaluate.main([str(trained), "--no-progress"]) == 0  # --out: the checkpoint directory
     out = capsys.readouterr().out
-    saved = json.loads((trained / "evaluation.json").read_text())
+    saved = json.loads((trained / "evaluate.json").read_text())
+    assert out.splitlines()[-1] == f"wrote {trained}/evaluate.json, {trained}/evaluate.md"
+    assert out.removesuffix(out.splitlines()[-1] + "\n") == (trained / "evaluate.md").read_text()
     for split in ("train", "val", "test"):
         assert saved["splits"][split]["loss"] == pytest.approx(stats[f"{split}_loss"], rel=1e-6)
         assert saved["splits"][split]["accuracy"] == pytest.approx(stats[f"{split}_metric"], rel=1e-9)
         assert f"| {split} | {stats[f'n_{split}']} |" in out
     assert saved["task"]["sha256"] == adapters.read_meta(trained)["task"]["sha256"]
     # --n-test replaces the recorded size; --examples takes a seeded subset.
-    assert evaluate.main([str(trained), "--n-test", "4", "--splits", "test", "--out", "/dev/null",
+    assert evaluate.main([str(trained), "--n-test", "4", "--splits", "test", "--out", str(tmp_path / "n4"),
                           "--no-progress"]) == 0
     assert "| test | 4 |" in capsys.readouterr().out
 
@@ -73,20 +75,67 @@ def test_a_checkpoint_evaluates_to_its_training_stats(trained, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--splits", "dev"], "invalid choice"),
     (["--data", "/nonexistent.csv"], "data file not found"),
-    (["--examples", "0"], "examples"),
-    (["--n-test", "0"], "--n-test must be an integer ≥ 1"),
-    (["--max-length", "-3"], "--max-length must be an integer ≥ 1"),
+    (["--examples", "0"], "examples must be >= 1, got 0"),
+    (["--examples", "some"], "expected a positive integer or 'all'"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--n-test", "0"], "n_test must be >= 1, got 0"),
+    (["--max-length", "-3"], "max_length must be >= 1, got -3"),
+    (["--val-fraction", "1"], "val_fraction must be in [0, 1), got 1.0"),
     (["--n-train", "100000"], "out of range"),
+    (["--formats", "md,docx"], "--formats: unknown format 'docx'"),
 ])
 def test_bad_input_exits_2_with_one_line(trained, tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        evaluate.main([str(trained), *argv, "--out", str(tmp_path / "e.json")])
+    assert evaluate.main([str(trained), *argv, "--out", str(tmp_path / "e"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
-    assert not (tmp_path / "e.json").exists()
-    with pytest.raises(SystemExit):
-        evaluate.main([str(tmp_path / "no-such-model")])
-    assert "model not found" in capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "e").exists()  # nothing written under --out
+    assert evaluate.main([str(tmp_path / "no-such-model"), "--out", str(tmp_path / "e")]) == 2
+    assert "model not found" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_evaluate_writes_into_its_out_directory(trained, bases, tmp_path, capsys, monkeypatch):
+    """--out DIR holds evaluate.json (run()'s result) and, with md in --formats, evaluate.md (the printed table);
+    an untrained model's default is ./evaluate; an --out that is a file (the old --out FILE.json) is refused."""
+    out = tmp_path / "e"
+    assert evaluate.main([str(trained), "--splits", "test", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "evaluate.json").read_text())
+    want = evaluate.run(str(trained), splits=["test"], out=tmp_path / "by-hand.json", progress=False)
+    assert saved == {k: v for k, v in want.items() if k != "out"} and list(saved["splits"]) == ["test"]
+    assert sorted(p.name for p in out.iterdir()) == ["evaluate.json", "evaluate.md"]
+    assert printed == (out / "evaluate.md").read_text() + f"wrote {out}/evaluate.json, {out}/evaluate.md\n"
+    assert evaluate.main([str(trained), "--splits", "test", "--out", str(tmp_path / "j"), "--formats", "tex,png",
+                          "--no-progress"]) == 0
+    assert [p.name for p in (tmp_path / "j").iterdir()] == ["evaluate.json"]
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path}/j/evaluate.json"
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main([str(bases["classification"][0]), "--splits", "test", "--n-test", "8", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "evaluate" / "evaluate.json").read_text())["checkpoint"] is False
+    assert capsys.readouterr().out.splitlines()[-1] == "wrote evaluate/evaluate.json, evaluate/evaluate.md"
+    (tmp_path / "old.json").write_text("{}")
+    assert evaluate.main([str(trained), "--out", str(tmp_path / "old.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and "evaluate.json" in err
+
+
+def test_every_setting_is_a_flag_and_a_config_file_is_the_same_flags(tmp_path):
+    from adapters import command
+    from tests.test_bounds_cli import check_flags_are_the_fields
+    check_flags_are_the_fields(evaluate.parser(), evaluate.EvaluateConfig)
+    assert command.parse(evaluate.parser(), evaluate.EvaluateConfig, ["ckpt"]) == \
+        (evaluate.EvaluateConfig(), {"target": "ckpt"})
+    flags = ["ckpt", "--splits", "val", "test", "--examples", "5", "--batch-size", "4", "--seed", "3", "--device",
+             "cpu", "--out", "o", "--no-progress", "--formats", "md,png", "--n-test", "8", "--data", "d.csv",
+             "--val-fraction", "0.2"]
+    config = tmp_path / "evaluate.yaml"
+    config.write_text("splits: [val, test]\nexamples: 5\nbatch-size: 4\nseed: 3\ndevice: cpu\nout: o\n"
+                      "no-progress: true\nformats: md,png\nn_test: 8\ndata: d.csv\nval-fraction: 0.2\n")
+    want = evaluate.EvaluateConfig(splits=["val", "test"], examples=5, batch_size=4, seed=3, device="cpu", out="o",
+                                   progress=False, formats=("md", "png"), n_test=8, data_file="d.csv",
+                                   val_fraction=0.2)
+    parse = lambda argv: command.parse(evaluate.parser(), evaluate.EvaluateConfig, argv)  # noqa: E731
+    assert parse(flags) == parse(["ckpt", "--config", str(config)]) == (want, {"target": "ckpt"})
+    assert parse(["ckpt", "--examples", "all"])[0].examples is None
 
 
 # ---- per-example losses: recorded by training, reused by bounds when they are of the same weights and split ----
@@ -104,8 +153,8 @@ def test_training_records_the_final_per_example_losses(trained):
 
 
 def _clipped_row(capsys, ckpt, b, *argv):
-    assert bounds_main([str(ckpt), "--loss-clip", str(b), "--no-theorem1", "--format", "json", *argv]) == 0
-    return json.loads(capsys.readouterr().out)[0]
+    from tests.test_bounds_cli import run_json
+    return run_json(capsys, str(ckpt), "--loss-clip", str(b), "--no-theorem1", *argv)[0]
 
 
 def test_bounds_reuse_recorded_losses_and_only_those_of_the_same_weights_and_split(trained, tmp_path, capsys,
@@ -138,7 +187,7 @@ def test_bounds_reuse_recorded_losses_and_only_those_of_the_same_weights_and_spl
     assert runs == [str(trained)] and row["n_test"] == 8 and "another split" in row["gap_source"]
     # And progress is shown while the model runs (the same bars as the other commands).
     capsys.readouterr()
-    assert bounds_main([str(moved), "--loss-clip", str(b), "--no-theorem1"]) == 0
+    assert bounds_main([str(moved), "--loss-clip", str(b), "--no-theorem1", "--out", str(tmp_path / "b")]) == 0
     assert "train losses" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from analysis import hessian as hs
 from analysis import lanczos
 from adapters.evaluate import forward_logits
-from tests.test_landscape import MLP, _as_fft, _has, train_tiny
+from tests.test_landscape import MLP, _as_fft, _has, assert_flags_are_the_fields, train_tiny
 
 
 def sym(n, eigs, seed=0):
@@ -178,15 +178,23 @@ def trained(tmp_path_factory):
 def test_cli_on_a_checkpoint(trained, tmp_path, capsys):
     import adapters
     from adapters.evaluate import checkpoint_batches, evaluate
+    from adapters import settings
     out = tmp_path / "h"
     assert hs.main([str(trained), "--top-k", "2", "--trace", "--trace-samples", "4", "--density", "--density-steps",
                     "6", "--density-runs", "2", "--examples", "8", "--tol", "1e-5", "--out", str(out),
-                    "--no-progress"]) == 0
-    assert "| 1 |" in capsys.readouterr().out
+                    "--formats", "svg,md", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "| 1 |" in lines[3] and lines[-1] == f"wrote {out / 'hessian.json'} and 1 figure files"
     saved = json.loads((out / "hessian.json").read_text())
     assert saved["eigenvalues"] == sorted(saved["eigenvalues"], reverse=True) and len(saved["eigenvalues"]) == 3 - 1
     assert {"trace", "trace_stderr", "density", "settings", "lanczos"} <= set(saved)
-    assert (out / "hessian_density.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["hessian.json", "hessian_density.svg"]  # figures: svg only
+    # exactly the settings that shape the numbers (results=True), and what they were
+    config = hs.HessianConfig(top_k=2, trace=True, trace_samples=4, density=True, density_steps=6, density_runs=2,
+                              examples=8, tol=1e-5)
+    assert list(saved["settings"]) == [f.name for f in settings.fields(config) if f.metadata["results"]]
+    assert saved["settings"] == settings.shaping(config)
+    assert not {"out", "device", "progress", "formats", "cache_graph"} & set(saved["settings"])
     # Wiring: the same examples, the trained scalars of the checkpoint as trained (scale s back in), eval mode.
     from analysis import spaces
     model = adapters.load(trained, attn_implementation="eager")
@@ -200,24 +208,36 @@ def test_cli_on_a_checkpoint(trained, tmp_path, capsys):
     np.testing.assert_allclose(saved["eigenvalues"], top["eigenvalues"], rtol=1e-5)
 
 
+def test_every_setting_is_a_flag_and_a_config_key(tmp_path):
+    assert_flags_are_the_fields(hs, hs.HessianConfig, ["ckpt"], tmp_path, {
+        "top-k": ("0", 0), "trace": (None, True), "density": (None, True), "space": ("all", "all"),
+        "parametrization": ("folded", "folded"), "examples": ("all", "all"), "split": ("test", "test"),
+        "seed": ("3", 3), "max-iter": ("7", 7), "tol": ("0.01", 0.01), "trace-method": ("hutch++", "hutch++"),
+        "sigma": ("0.5", 0.5), "cache-graph": (None, True), "out": ("o", "o"), "device": ("cpu", "cpu"),
+        "no-progress": (None, True), "formats": ("pdf", "pdf"), "task": ("tweets", "tweets"), "n-test": ("4", 4),
+        "val-fraction": ("0.2", 0.2)})
+
+
 @pytest.mark.parametrize("args, message", [
     (["--top-k", "0"], "nothing to compute"),
-    (["--trace", "--trace-samples", "1"], "--trace-samples must be"),
-    (["--top-k", "-1"], "--top-k must be"),
+    (["--trace", "--trace-samples", "1"], "--trace-samples must be ≥ 2 for a standard error, got 1"),
+    (["--trace", "--trace-method", "hutch++", "--trace-samples", "5"], "--trace-samples must be ≥ 6"),
+    (["--top-k", "-1"], "top_k must be >= 0, got -1"),
+    (["--tol", "0"], "tol must be > 0, got 0.0"),
+    (["--max-iter", "0"], "max_iter must be >= 1"),
+    (["--sigma", "-1"], "sigma must be > 0"),
+    (["--val-fraction", "1"], "val_fraction must be in [0, 1)"),
 ])
 def test_bad_input_exit_2(tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit) as e:
-        hs.main([str(tmp_path), *args, "--out", str(tmp_path / "o")])
-    assert e.value.code == 2
+    assert hs.main([str(tmp_path), *args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_checkpoint_exit_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        hs.main([str(tmp_path / "nowhere")])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    assert hs.main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 # ---- the parametrisation and the space ------------------------------------------------------

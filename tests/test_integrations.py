@@ -360,18 +360,36 @@ def test_adapters_train_config_file_equals_its_flags_and_writes_the_resolved_con
     assert a.read_bytes() == b.read_bytes()
     resolved = yaml.safe_load((tmp_path / "file" / "config.yaml").read_text())
     assert resolved["lr"] == 1e-2 and resolved["chain_length"] == 3 and "out" not in resolved  # what it computes
-    # The resolved config reruns the run: every argument of train() that shapes a run is a flag of the CLI.
-    import inspect
-    from adapters.train import NOT_RESULTS, _parser
-    flags = {a.dest for a in _parser()._actions}
-    assert set(inspect.signature(train).parameters) - flags <= set(NOT_RESULTS)
+    # The resolved config reruns the run: it holds exactly the settings that shape a run, each a flag of the CLI.
+    from adapters.settings import shaping
+    from adapters.train import TrainConfig, parser
+    assert list(resolved) == list(shaping(TrainConfig()))
+    assert set(resolved) <= {a.dest for a in parser()._actions}
     assert main(["--config", str(tmp_path / "file" / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == a.read_bytes()
     capsys.readouterr()
     config.write_text("rnak: 4\n")
-    with pytest.raises(SystemExit) as e:
-        main(["--config", str(config)])
-    assert e.value.code == 2 and "unknown key 'rnak'" in capsys.readouterr().err
+    assert main(["--config", str(config)]) == 2 and "unknown key 'rnak'" in capsys.readouterr().err
+
+
+def test_a_config_yaml_written_before_the_settings_dataclass_still_runs_and_is_written_again_as_it_was(tiny_dir,
+                                                                                                      tmp_path):
+    """tests/data/config_written_before_settings.yaml is the config.yaml a run wrote before training's settings
+    became a dataclass (an early-stopped c3la with dropout; its model was a path on that machine, so --model gives
+    the tiny model here). It runs, as the same settings given as flags run, and the run writes it again key for key."""
+    from adapters.train import main
+    old = Path(__file__).parent / "data" / "config_written_before_settings.yaml"
+    values = yaml.safe_load(old.read_text())
+    flags = ["--method", "c3la", "--rank", "4", "--alpha", "8", "--chain-length", "3", "--max-steps", "8",
+             "--lr", "0.01", "--batch-size", "8", "--max-length", "24", "--seed", "1", "--n-train", "48",
+             "--n-val", "16", "--n-test", "16", "--eval-every", "2", "--dropout", "0.1", "--early-stopping",
+             "--patience", "1", "--keep", "best"]
+    assert main(["--config", str(old), "--model", tiny_dir, "--out", str(tmp_path / "old"), "--no-progress"]) == 0
+    assert main([*flags, "--model", tiny_dir, "--out", str(tmp_path / "flags"), "--no-progress"]) == 0
+    weights = [(tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("old", "flags")]
+    assert weights[0] == weights[1]
+    again = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    assert list(again) == list(values) and {**again, "model": values["model"]} == values
 
 
 def test_adapters_train_reports_to_tensorboard(tiny_dir, tmp_path):
@@ -405,3 +423,8 @@ def test_study_config_file(tmp_path, monkeypatch):
     assert seen["methods"] == ["cla", "c3la"] and seen["seeds"] == [3] and seen["lr_grid"] == [0.01]
     resolved = yaml.safe_load((tmp_path / "runs" / "config.yaml").read_text())
     assert resolved["budget"] == "tiny" and resolved["runs"] == str(tmp_path / "runs")
+    # the resolved config.yaml is a config file again: the same study from it alone
+    first = dict(seen)
+    seen.clear()
+    assert study.main(["--config", str(tmp_path / "runs" / "config.yaml")]) == 0
+    assert seen == first

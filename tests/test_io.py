@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters import io
+from adapters.errors import AdapterError
 from analysis import svd_cache
 
 
@@ -50,3 +51,20 @@ def test_the_umask_read_by_setting_it_is_restored_and_is_the_fallback(set_umask,
     monkeypatch.setattr(io, "_umask_from_proc", lambda: None)  # no /proc: the umask read once, at import
     monkeypatch.setattr(io, "_UMASK_AT_IMPORT", 0o007)
     assert io.umask() == 0o007
+
+
+def test_a_journal_gives_back_its_finished_items_and_nothing_of_other_settings(tmp_path):
+    from adapters.io import Journal
+    file = tmp_path / "partial" / "run.jsonl"
+    journal = Journal(file, {"eps": 0.5, "k": 10})
+    assert journal.done() == {}
+    journal.add("q", {"count": 1})
+    journal.add("v", [0.25, 1.0], sync_every=2)
+    assert Journal(file, {"k": 10, "eps": 0.5}).done() == {"q": {"count": 1}, "v": [0.25, 1.0]}
+    with open(file, "a") as f:
+        f.write('{"key": "o", "val')  # a kill in the middle of a write: that item is done again
+    assert set(Journal(file, {"eps": 0.5, "k": 10}).done()) == {"q", "v"}
+    with pytest.raises(AdapterError, match=r"other settings \(eps\); use --fresh"):
+        Journal(file, {"eps": 0.9, "k": 10}).done("use --fresh")
+    journal.finish()
+    assert not file.exists() and not file.parent.exists()

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters.errors import AdapterError
+from adapters.io import Journal
 from analysis import directions as dirs
 from analysis import landscape as ls
 
@@ -221,8 +222,7 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
         ls.landscape_grid(model, weights, D, {"train": batches}, coords, out_dir=tmp_path, fingerprint=fp,
                           save_every=4, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, weights))  # restored even on interruption
-    saved = json.loads((tmp_path / "landscape.partial.json").read_text())
-    assert len(saved["points"]) == 9
+    assert len(Journal(ls.journal_file(tmp_path), fp).done()) == 9  # 2 fsyncs of 4, and the 9th flushed
     Flaky.calls, Flaky.budget = 0, None
     again = ls.landscape_grid(model, weights, D, {"train": batches}, coords, out_dir=tmp_path, fingerprint=fp,
                               progress=False)["train"]["loss"]
@@ -263,7 +263,7 @@ def _two_processes(out_dir, result_file):
 
 
 def _rank_points(out_dir):
-    return [set(json.loads((out_dir / f"landscape.partial.rank{r}.json").read_text())["points"]) for r in (0, 1)]
+    return [set(Journal(ls.journal_file(out_dir, r, 2), {"k": 1}).done()) for r in (0, 1)]
 
 
 def _own_keys(rank, n=25):
@@ -290,7 +290,7 @@ def test_two_processes_resuming_keep_each_partial_to_its_own_points(tmp_path):
     first = _two_processes(shards, tmp_path / "first.npy")
     # Rank 1's file is gone (say it never saved): on the rerun rank 1 reads rank 0's 12 points to skip them,
     # and must still write only its own 13.
-    (shards / "landscape.partial.rank1.json").unlink()
+    ls.journal_file(shards, 1, 2).unlink()
     again = _two_processes(shards, tmp_path / "again.npy")
     np.testing.assert_array_equal(again, first)
     assert _rank_points(shards) == [_own_keys(0), _own_keys(1)]
@@ -353,33 +353,64 @@ def _has(module):
         return False
 
 
+def assert_flags_are_the_fields(module, config_cls, positional, tmp_path, given):
+    """Every field of `config_cls` is a flag of module.parser() (dest: the field's name, default: the field's
+    default), and a --config FILE.yaml with the keys of `given` gives the config that the same flags give.
+
+    given: {flag without --: (its value on the command line, None for a switch; its value in the YAML file)}."""
+    import yaml
+    from adapters import command, settings
+    p = module.parser()
+    for f in settings.fields(config_cls):
+        action = p._option_string_actions[settings.option(f)]
+        assert (action.dest, action.default) == (f.name, settings.default(f)), f.name
+    assert command.parse(module.parser(), config_cls, positional)[0] == config_cls()
+    argv = [a for k, (v, _) in given.items() for a in [f"--{k}"] + ([] if v is None else [v])]
+    by_flags, rest = command.parse(module.parser(), config_cls, positional + argv)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: y for k, (_, y) in given.items()}))
+    by_file, rest_file = command.parse(module.parser(), config_cls, positional + ["--config",
+                                                                                 str(tmp_path / "config.yaml")])
+    assert by_file == by_flags and rest_file == rest
+    changed = [f.name for f in settings.fields(config_cls) if getattr(by_flags, f.name) != settings.default(f)]
+    assert len(changed) == len(given), changed  # every key set a setting of its own
+
+
+def test_every_setting_is_a_flag_and_a_config_key(tmp_path):
+    assert_flags_are_the_fields(ls, ls.LandscapeConfig, ["ckpt"], tmp_path, {
+        "dims": ("1", 1), "directions": ("to:other", "to:other"), "space": ("effective", "effective"),
+        "matrices": ("query", ["query"]), "grid": ("5", 5), "range": ("0.5", 0.5), "examples": ("all", "all"),
+        "batch-size": ("4", 4), "include-1d": (None, True), "fresh": (None, True), "save-every": ("3", 3),
+        "no-progress": (None, True), "formats": ("svg", "svg"), "data": ("d.csv", "d.csv"), "n-train": ("8", 8),
+        "max-length": ("16", 16)})
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--grid", "1"], "--grid must be an integer ≥ 2"),
-    (["--grid", "4"], "--grid must be odd"),
-    (["--range", "0"], "--range must be > 0"),
-    (["--range", "-1"], "--range must be > 0"),
+    (["--grid", "1"], "grid must be odd and >= 3, so the checkpoint itself is the centre point, got 1"),
+    (["--grid", "4"], "grid must be odd and >= 3"),
+    (["--range", "0"], "range must be > 0, got 0.0"),
+    (["--range", "-1"], "range must be > 0"),
+    (["--examples", "0"], "examples must be >= 1"),
+    (["--n-train", "0"], "n_train must be >= 1"),
+    (["--dims", "3"], "argument --dims: invalid choice"),
     (["--directions", "sideways"], "--directions must be"),
     (["--dims", "2", "--directions", "to:x"], "use --dims 1"),
+    (["--directions", "pca", "--space", "effective"], "--directions pca needs --space trainable or all"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit) as e:
-        ls.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), *args])
-    assert e.value.code == 2
+    assert ls.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 
 
 def test_pca_without_trajectory_and_segment_to_another_base_exit_2(tmp_path, capsys):
     ckpt, base = make_ckpt(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        ls.main([str(ckpt), "--directions", "pca", "--out", str(tmp_path / "o1")])
-    assert e.value.code == 2 and "trajectory snapshots" in capsys.readouterr().err
+    assert ls.main([str(ckpt), "--directions", "pca", "--out", str(tmp_path / "o1")]) == 2
+    assert "trajectory snapshots" in capsys.readouterr().err
     other, _ = make_ckpt(tmp_path, "other", base_seed=1)  # a different pretrained body
-    with pytest.raises(SystemExit) as e:
-        ls.main([str(ckpt), "--dims", "1", "--directions", f"to:{other}", "--out", str(tmp_path / "o2")])
+    assert ls.main([str(ckpt), "--dims", "1", "--directions", f"to:{other}", "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "another base model" in err
+    assert "another base model" in err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
@@ -399,6 +430,23 @@ def trained(tmp_path_factory):
     if not (_has("adapters.evaluate") and _has("adapters.train")):
         pytest.skip("the training CLI adapters.train / adapters.evaluate (issue 3) is not in the tree")
     return train_tiny(tmp_path_factory.mktemp("trained"))
+
+
+def test_cli_writes_landscape_json_into_out_and_records_the_results_settings(trained, tmp_path, capsys):
+    from adapters import settings
+    out = tmp_path / "land"
+    assert ls.main([str(trained), "--dims", "1", "--grid", "3", "--examples", "8", "--out", str(out), "--formats",
+                    "svg", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["landscape.json", "landscape_1d.svg"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"wrote {out / 'landscape.json'} and 1 figure files"
+    saved = json.loads((out / "landscape.json").read_text())
+    # exactly the settings that shape the numbers (results=True), and what they were
+    config = ls.LandscapeConfig(dims=1, grid=3, examples=8)
+    assert list(saved["settings"]) == [f.name for f in settings.fields(config) if f.metadata["results"]]
+    assert saved["settings"] == settings.shaping(config)
+    assert not {"out", "device", "progress", "formats", "fresh", "save_every"} & set(saved["settings"])
+    assert saved["figures"] == [str(out / "landscape_1d.svg")]
 
 
 def test_grid_centre_equals_the_checkpoint_loss_in_training_stats(trained, tmp_path):

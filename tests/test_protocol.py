@@ -176,10 +176,9 @@ def test_ray_retries_a_job_whose_worker_died(tmp_path, local_ray):
 ])
 def test_bad_study_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     start = time.monotonic()
-    with pytest.raises(SystemExit) as e:
-        study.main(["--runs", str(tmp_path / "r"), "--no-report", *argv])
+    assert study.main(["--runs", str(tmp_path / "r"), "--no-report", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert err.startswith("error: ") and message in err and "\n" not in err
     assert time.monotonic() - start < 30  # an unreachable cluster fails fast
 
 
@@ -289,10 +288,9 @@ def test_per_example_outcomes_add_the_test_sets_error_to_the_interval():
 
 
 def test_the_selection_seed_is_never_a_final_seed(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--no-report",
-                    "--select-seed", "1", "--seeds", "1", "2"])
-    assert e.value.code == 2 and "--select-seed 1 is one of --seeds" in capsys.readouterr().err
+    assert study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--no-report",
+                       "--select-seed", "1", "--seeds", "1", "2"]) == 2
+    assert "--select-seed 1 is one of --seeds" in capsys.readouterr().err
     assert study.BUDGETS["default"]["select_seed"] not in study.BUDGETS["default"]["seeds"]
     assert study.expand_methods(["central"]) == study.DEFAULT_METHODS
     assert len(study.expand_methods(["paper", "lora"])) == 11
@@ -396,11 +394,10 @@ def test_a_study_error_inside_ray_reaches_the_user_as_one_line(tmp_path, tiny_mo
                                                                monkeypatch):
     # an error only a run finds (its arguments passed every check before Ray started)
     monkeypatch.setattr(study, "_train_job", lambda *a: _fails_with("cannot hold chain_length=3 links"))
-    with pytest.raises(SystemExit) as e:
-        study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--lr-grid", "1e-2",
-                    "--model", tiny_model, "--no-report"])
+    assert study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--lr-grid", "1e-2",
+                       "--model", tiny_model, "--no-report"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1] == "error: cannot hold chain_length=3 links"
+    assert err[-1] == "error: cannot hold chain_length=3 links"
     assert not any("Traceback" in line or "\x1b" in line for line in err)
 
 
@@ -412,10 +409,10 @@ def test_a_study_error_inside_ray_reaches_the_user_as_one_line(tmp_path, tiny_mo
 def test_argument_and_data_problems_are_found_before_ray_starts(tmp_path, capsys, monkeypatch, argv, message):
     import analysis.executor
     monkeypatch.setattr(analysis.executor, "RayExecutor", None)  # starting Ray would fail the test
-    with pytest.raises(SystemExit) as e:
-        study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--no-report", *argv])
+    assert study.main(["--runs", str(tmp_path / "r"), "--budget", "tiny", "--methods", "cla", "--no-report",
+                       *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert err.startswith("error: ") and message in err and "\n" not in err
 
 
 class _Simulated(executor._Executor):

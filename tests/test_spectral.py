@@ -215,7 +215,7 @@ def study(ckpts, tmp_path_factory):
     """The study setting (k = all, sweep) over the three checkpoints; fft on layers 0 and 5 only
     to keep the reference SVDs cheap. Returns (result dict, output dir, cache dir)."""
     out, cache = tmp_path_factory.mktemp("spectral_out"), tmp_path_factory.mktemp("svd_cache")
-    res = spectral.run([ckpts["lora"], ckpts["cla"], ckpts["fft"]], k="all", sweep=True, out=out,
+    res = spectral.run([ckpts["lora"], ckpts["cla"], ckpts["fft"]], top_k="all", sweep=True, out=out,
                        cache_dir=cache, layers=r"layer\.[05]\.(attention|output)", progress=False)
     return res, out, cache
 
@@ -278,14 +278,18 @@ def test_real_checkpoints_agree_with_peft(ckpts, study):
 def test_outputs_and_cache_reuse(ckpts, study):
     res, out, cache = study
     data = json.loads((out / "spectral.json").read_text())
-    assert data["settings"]["k"] == "all" and data["settings"]["eps_grid"] == list(spectral.EPS_GRID)
+    assert data["settings"]["top_k"] == "all" and data["settings"]["eps_grid"] == list(spectral.EPS_GRID)
     assert data["checkpoints"][0]["layers"][0]["intruders"] == res["checkpoints"][0]["layers"][0]["intruders"]
     stems = {"intruders_sweep", "intruders_heatmap", "spectrum", "intruders_total"}
     assert {f"{s}.{e}" for s in stems for e in ("png", "pdf")} <= {p.name for p in out.iterdir()}
+    # the default formats hold md: the table as Markdown, one row per checkpoint
+    table = (out / "spectral.md").read_text().splitlines()
+    assert table[0].startswith("Intruders among the top-all left singular vectors") and len(table) == 4 + 3
+    assert table[4].startswith(f"| LoRA | 4 | {res['checkpoints'][0]['total_intruders']} |")
     # one base: lora computed the SVDs of its matrices, cla reused all of them, fft those it shares
     hits = [c["base_svd_cache_hits"] for c in res["checkpoints"]]
     assert hits == [0, 4, 4] and res["checkpoints"][2]["num_matrices"] == 10
-    again = spectral.run([ckpts["lora"]], k="all", cache_dir=cache, layers=r"layer\.[05]\.", progress=False)
+    again = spectral.run([ckpts["lora"]], top_k="all", cache_dir=cache, layers=r"layer\.[05]\.", progress=False)
     assert again["checkpoints"][0]["base_svd_cache_hits"] == 4
     assert again["checkpoints"][0]["layers"] == res["checkpoints"][0]["layers"]
 
@@ -294,32 +298,72 @@ def test_plain_peft_directory(ckpts, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(ckpts["lora"], plain)
     (plain / "adapters_meta.json").unlink()
-    a = spectral.run([ckpts["lora"]], k=10, cache_dir=tmp_path / "c", progress=False)["checkpoints"][0]
-    b = spectral.run([plain], k=10, cache_dir=tmp_path / "c", progress=False)["checkpoints"][0]
+    a = spectral.run([ckpts["lora"]], top_k=10, cache_dir=tmp_path / "c", progress=False)["checkpoints"][0]
+    b = spectral.run([plain], top_k=10, cache_dir=tmp_path / "c", progress=False)["checkpoints"][0]
     assert b["method"] == "lora" and b["base_model_hash"].startswith("w0-sha256:")
     assert [r["max_cos"] for r in a["layers"]] == [r["max_cos"] for r in b["layers"]]
 
 
 # ---------------------------------------------------------------- CLI
 def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        spectral.main(argv)
-    return e.value.code, capsys.readouterr()
+    code = spectral.main(argv)
+    return code, capsys.readouterr()
+
+
+def test_every_setting_is_a_flag_and_a_config_key(tmp_path):
+    from tests.test_landscape import assert_flags_are_the_fields
+    assert_flags_are_the_fields(spectral, spectral.SpectralConfig, ["ckpt"], tmp_path, {
+        "top-k": ("all", "all"), "eps": ("0.3", 0.3), "vectors": ("right", "right"), "layers": ("query", "query"),
+        "dtype": ("float16", "float16"), "sweep": (None, True), "no-progress": (None, True),
+        "formats": ("png,svg", "png,svg"), "cache-dir": ("c", "c"), "device": ("cpu", "cpu")})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "5"], "--k is now --top-k (same meaning): use --top-k"),
+    (["--k=all"], "--k is now --top-k"),
+    (["--top-k", "0"], "expected a positive integer or 'all'"),
+    (["--eps", "1.5"], "eps must be in (0, 1], got 1.5"),
+    (["--eps", "0"], "eps must be in (0, 1]"),
+    (["--layers", "("], "--layers '(' is not a valid regex"),
+    (["--formats", "png,gif"], "--formats"),
+])
+def test_bad_settings_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
+    """Refused before any checkpoint is read (the path does not even exist): a renamed flag names the new one."""
+    code, io = _cli([str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *args], capsys)
+    assert code == 2 and _one_error_line(io.err) and message in io.err, io.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_takes_a_config_or_keywords_and_refuses_unknown_ones(tmp_path):
+    from adapters.errors import AdapterError, CheckpointError
+    with pytest.raises(AdapterError, match="unknown SpectralConfig setting"):
+        spectral.run([tmp_path], k=5)  # renamed top_k
+    with pytest.raises(AdapterError, match="eps must be in"):
+        spectral.run([tmp_path / "none"], spectral.SpectralConfig(eps=2.0))  # the config is checked
+    with pytest.raises(CheckpointError, match="not found"):  # a keyword replaces the config's field
+        spectral.run([tmp_path / "none"], spectral.SpectralConfig(eps=2.0), eps=0.5)
 
 
 def test_cli_end_to_end(ckpts, tmp_path, capsys):
     out = tmp_path / "o"
-    assert spectral.main([str(ckpts["cla"]), "--vectors", "right", "--k", "5", "--eps", "0.9",
+    assert spectral.main([str(ckpts["cla"]), "--vectors", "right", "--top-k", "5", "--eps", "0.9",
                           "--out", str(out), "--formats", "png", "--cache-dir", str(tmp_path / "c"),
                           "--no-progress"]) == 0
     data = json.loads((out / "spectral.json").read_text())
     s, c = data["settings"], data["checkpoints"][0]
-    assert (s["k"], s["eps"], s["vectors"]) == (5, 0.9, "right")
+    assert (s["top_k"], s["eps"], s["vectors"]) == (5, 0.9, "right")
+    # the recorded settings are the fields that shape the numbers (results=True), and none of the others
+    from adapters import settings
+    config = spectral.SpectralConfig(top_k=5, eps=0.9, vectors="right")
+    names = {f.name for f in settings.fields(config)}
+    assert {k: v for k, v in s.items() if k in names} == settings.shaping(config)
+    assert set(settings.shaping(config)) == {"top_k", "eps", "vectors", "layers", "cache_dtype"}
     assert c["method"] == "cla" and len(c["layers"]) == 12 and all(len(r["max_cos"]) == 5 for r in c["layers"])
     assert c["total_intruders"] == sum(int((np.array(r["max_cos"]) < 0.9).sum()) for r in c["layers"])
     assert sorted(p.name for p in out.iterdir()) == ["intruders_heatmap.png", "intruders_total.png",
                                                      "spectral.json", "spectrum.png"]
-    assert "cLA" in capsys.readouterr().out
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "cLA" in lines[3] and lines[-1].startswith(f"wrote {out / 'spectral.json'} ")
 
 
 def _one_error_line(err):

@@ -124,7 +124,7 @@ def tiny_study(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("study")
     study.sweep(runs=root / "runs", methods=["lora", "cla", "c3la"], seeds=[1, 2], budget="tiny", model=tiny_model,
                 lr_grid=[1e-2], executor="serial", progress=False)
-    return root, report.report(root / "runs", root / "figures", n_boot=200, formats=("png",))
+    return root, report.report(root / "runs", root / "figures", n_boot=200, formats=("md", "tex", "png"))
 
 
 def test_report_numbers_are_the_runs_own(tiny_study):
@@ -193,12 +193,94 @@ def test_main_job_reduced_form_runs_end_to_end(tmp_path):
 
 
 def test_bad_input(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        study.main(["--methods", "lorax", "--runs", str(tmp_path / "r")])
-    assert e.value.code == 2 and "unknown method(s) lorax" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        report.main([str(tmp_path / "nothing")])
-    assert e.value.code == 2 and "runs directory not found" in capsys.readouterr().err
+    assert study.main(["--methods", "lorax", "--runs", str(tmp_path / "r")]) == 2
+    assert "unknown method(s) lorax" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "runs directory not found" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    for argv, message in ((["--margin", "1"], "margin must be in (0, 1), a difference of accuracies, got 1.0"),
+                          (["--bootstrap", "0"], "bootstrap must be >= 1, got 0"),
+                          (["--loss-clip", "-4"], "loss_clip must be > 0, got -4.0"),
+                          (["--formats", "pdf,xls"], "--formats")):
+        assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    # the study refuses a bad margin before it writes anything (its config.yaml included)
+    assert study.main(["--runs", str(tmp_path / "r2"), "--out", str(tmp_path / "o"), "--margin", "0"]) == 2
+    assert "margin must be in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r2").exists()
+
+
+def test_every_setting_is_a_flag_and_a_config_file_is_the_same_flags(tmp_path, monkeypatch):
+    import dataclasses
+    from adapters import command
+    from adapters.settings import as_dict
+    from tests.test_bounds_cli import check_flags_are_the_fields
+    check_flags_are_the_fields(report.parser(), report.ReportConfig)
+    assert command.parse(report.parser(), report.ReportConfig, ["runs"]) == (report.ReportConfig(), {"runs": "runs"})
+    config = tmp_path / "report.yaml"
+    config.write_text("loss-clip: 2\nbootstrap: 50\nmargin: 0.05\nformats: md,svg\nreadme: R.md\nout: o\n")
+    flags = ["runs", "--loss-clip", "2", "--bootstrap", "50", "--margin", "0.05", "--formats", "md,svg", "--readme",
+             "R.md", "--out", "o"]
+    want = report.ReportConfig(loss_clip=2.0, bootstrap=50, margin=0.05, formats=("md", "svg"), readme="R.md",
+                               out="o")
+    for argv in (flags, ["runs", "--config", str(config)]):
+        assert command.parse(report.parser(), report.ReportConfig, argv) == (want, {"runs": "runs"})
+
+    check_flags_are_the_fields(study.parser(), study.StudyConfig)
+    assert command.parse(study.parser(), study.StudyConfig, []) == (study.StudyConfig(), {})
+    # the defaults are sweep()'s own: every field sweep() takes defaults to what sweep() applies
+    for name, value in study.SWEEP_DEFAULTS.items():
+        if name in study.StudyConfig.__dataclass_fields__ and name != "diagnostics":
+            assert getattr(study.StudyConfig(), name) == value, name
+    assert study.StudyConfig().diagnostics == list(study.SWEEP_DEFAULTS["diagnostics"])
+    config = tmp_path / "study.yaml"
+    config.write_text("methods: [cla, c3la]\nseeds: [3, 4]\nbudget: tiny\nlr-grid: [0.01]\ndata: d.csv\n"
+                      "no-early-stopping: true\ndiagnostics: []\nkeep: final\nmax-steps: 5\nformats: md,png\n"
+                      "device: cpu\nexecutor: serial\nno_report: true\nrank: 4\nalpha: 8\n")
+    flags = ["--methods", "cla", "c3la", "--seeds", "3", "4", "--budget", "tiny", "--lr-grid", "0.01", "--data",
+             "d.csv", "--no-early-stopping", "--diagnostics", "--keep", "final", "--max-steps", "5", "--formats",
+             "md,png", "--device", "cpu", "--executor", "serial", "--no-report", "--rank", "4", "--alpha", "8"]
+    want = study.StudyConfig(methods=["cla", "c3la"], seeds=[3, 4], budget="tiny", lr_grid=[0.01], data_file="d.csv",
+                             early_stopping=False, diagnostics=[], keep="final", max_steps=5, formats=("md", "png"),
+                             device="cpu", executor="serial", no_report=True, rank=4, alpha=8.0)
+    for argv in (flags, ["--config", str(config)]):
+        assert command.parse(study.parser(), study.StudyConfig, argv) == (want, {})
+    # main hands every setting but where the report goes to sweep(), as sweep()'s keywords
+    seen = {}
+    monkeypatch.setattr(study, "sweep", lambda **kw: seen.update(kw) or {})
+    assert study.main(["--config", str(config), "--runs", str(tmp_path / "runs")]) == 0
+    given = as_dict(dataclasses.replace(want, runs=str(tmp_path / "runs")))
+    assert seen == {k: v for k, v in given.items() if k not in ("out", "no_report", "readme", "margin", "formats")}
+    assert seen["device"] == "cpu" and seen["early_stopping"] is False and seen["diagnostics"] == []
+
+
+def test_device_reaches_every_run_diagnostic_and_the_reference(tmp_path, tiny_model, monkeypatch):
+    """--device is where a study computes: every training run (adapters.train's device), the reference evaluation
+    and every diagnostic; not what it computes: study.json does not record it."""
+    import adapters.train
+    from adapters import evaluate
+    from analysis import hessian, landscape
+    from analysis.executor import Plan
+    seen = []
+    monkeypatch.setattr(adapters.train, "train", lambda **kw: seen.append(("train", kw.get("device"))))
+    monkeypatch.setattr(evaluate, "run", lambda *a, **kw: seen.append(("reference", kw.get("device"))))
+    monkeypatch.setattr(spectral, "run", lambda *a, **kw: seen.append(("spectral", kw.get("device"))))
+    monkeypatch.setattr(landscape, "run", lambda *a, **kw: seen.append(("landscape", kw.get("device"))))
+    monkeypatch.setattr(hessian, "run", lambda *a, **kw: seen.append(("hessian", kw.get("device"))))
+    for device in ("cpu", None):
+        seen.clear()
+        runs = tmp_path / f"runs-{device}"
+        s = study.Study(runs=runs, methods=["cla"], budget="tiny", model=tiny_model, lr_grid=[1e-2], device=device)
+        first = s.begin(Plan({}, kinds=study._kind))
+        assert "device" not in json.loads((runs / "study.json").read_text())["train"]
+        for _, fn, args in first:
+            fn(*args)  # the selection run and the reference
+        final = study.Run(s.runs, "cla", 1e-2, 1, s.common)
+        for _, fn, args in s.then(study._train_job, final, (str(runs / "cla-lr0.01-s1"), None)):
+            fn(*args)  # the final run's diagnostics
+        assert sorted(seen) == sorted([("train", device), ("reference", device)] + [
+            (which.split("_")[0], device) for which in study.DIAGNOSE]), seen
 
 
 # -- the report's comparisons on fabricated runs (fast: no training) -----------------------------------
@@ -300,10 +382,28 @@ def test_report_writes_the_readme_results_section(tiny_study, tmp_path, capsys):
     assert all(r["hessian_converged"] is True and r["hessian_trainable_converged"] is True for r in saved["runs"])
     readme.write_text("no markers here\n")
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        report.main([str(root / "runs"), "--out", str(tmp_path / "fig2"), "--readme", str(readme)])
-    assert e.value.code == 2 and "results:begin" in capsys.readouterr().err
+    assert report.main([str(root / "runs"), "--out", str(tmp_path / "fig2"), "--readme", str(readme)]) == 2
+    assert "results:begin" in capsys.readouterr().err
     assert not (tmp_path / "fig2").exists() and readme.read_text() == "no markers here\n"
+
+
+def test_the_reports_formats_are_its_tables_and_figures(tiny_study, tmp_path, capsys):
+    """--formats names the tables (report.md, report.tex) and the figures' formats; report.json is always written;
+    the numbers do not depend on the formats."""
+    root, result = tiny_study
+    out = tmp_path / "fig"
+    assert report.main([str(root / "runs"), "--out", str(out), "--formats", "md,svg", "--bootstrap", "20"]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert {"report.json", "report.md", "outcomes.svg", "consistency.svg"} <= set(files)
+    assert all(f in ("report.json", "report.md") or f.endswith(".svg") for f in files), files
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["runs"] == result["runs"] and len(saved["figures"]) == len(files) - 2
+    printed = capsys.readouterr().out
+    assert printed == saved["markdown"] + "\n" + (f"wrote {out}/report.json, {out}/report.md and "
+                                                   f"{len(saved['figures'])} figures (svg) in {out}\n")
+    assert report.main([str(root / "runs"), "--out", str(tmp_path / "tex"), "--formats", "tex", "--bootstrap",
+                        "20"]) == 0
+    assert sorted(p.name for p in (tmp_path / "tex").iterdir()) == ["report.json", "report.tex"]
 
 
 def test_the_readme_results_are_the_reports_own():

@@ -54,13 +54,13 @@ def _recording(monkeypatch, events):
         events.append(("train", Path(kw["out"]).parent.name, kw["method"], kw["seed"]))
         return real_train(**kw)
 
-    def report(runs, out, margin):
+    def report(runs, out, margin, formats):
         events.append(("report", Path(runs).name))
-        return real_report(runs, out, margin)
+        return real_report(runs, out, margin, formats)
 
-    def diagnose(run, which, budget, progress=False, real=study.diagnose):
+    def diagnose(run, which, budget, progress=False, device=None, real=study.diagnose):
         events.append(("diagnose", Path(run).parent.name, which))
-        return real(run, which, budget, progress)
+        return real(run, which, budget, progress, device)
     monkeypatch.setattr(study, "diagnose", diagnose)
     monkeypatch.setattr(adapters.train, "train", train)
     monkeypatch.setattr(suite, "_report_job", report)
@@ -253,6 +253,9 @@ BAD = {
     "where runs go, in the file": ({}, [{"name": "x", "task": "tweets", "runs": "elsewhere"}], "study x: key 'runs'"),
     "a suite-wide key in a study": ({}, [{"name": "x", "task": "tweets", "executor": "serial"}],
                                     "study x: key 'executor'"),
+    "the device, in the file": ({"device": "cpu"}, [{"name": "x", "task": "tweets"}],
+                                "the top level: key 'device'"),
+    "formats, in a study": ({}, [{"name": "x", "task": "tweets", "formats": "md"}], "study x: key 'formats'"),
     "no studies": ({"task": "tweets"}, [], "non-empty list `studies:`"),
 }
 
@@ -262,10 +265,9 @@ def test_a_bad_suite_file_is_refused_before_ray_starts(case, tmp_path, tiny_mode
     top, studies, message = BAD[case]
     path = _suite_file(tmp_path, tiny_model, studies, **top)
     monkeypatch.setattr(executor, "make_executor", lambda *a, **k: pytest.fail("Ray started for a bad suite file"))
-    with pytest.raises(SystemExit) as exit_:
-        suite.main([str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert suite.main([str(path), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert exit_.value.code == 2 and len(errors) == 1 and str(path) in errors[0]
+    assert len(errors) == 1 and str(path) in errors[0]
     err = errors[0]
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "out").exists()
@@ -294,8 +296,53 @@ def test_every_builtin_suite_is_valid(path, tmp_path):
 
 def test_a_suite_needs_its_studies_reports_for_report_only(tmp_path, tiny_model, capsys):
     path = _suite_file(tmp_path, tiny_model, [dict(name="x", task="tweets")])
-    with pytest.raises(SystemExit):
-        suite.main([str(path), "--report-only", "--out", str(tmp_path / "out")])
+    assert suite.main([str(path), "--report-only", "--out", str(tmp_path / "out")]) == 2
     assert "no report for study x" in capsys.readouterr().err
     with pytest.raises(AdapterError, match="study x"):
         suite.prepare(_suite_file(tmp_path, tiny_model, [dict(name="x", task="tweets", seeds=[0])]), tmp_path, tmp_path)
+
+
+def test_every_setting_is_a_flag_and_a_config_file_is_the_same_flags(tmp_path, tiny_model, monkeypatch):
+    from adapters import command
+    from tests.test_bounds_cli import check_flags_are_the_fields
+    check_flags_are_the_fields(suite.parser(), suite.SuiteConfig)
+    assert command.parse(suite.parser(), suite.SuiteConfig, ["s.yaml"]) == (suite.SuiteConfig(), {"suite": "s.yaml"})
+    config = tmp_path / "suite-cli.yaml"
+    config.write_text("runs: r\nout: o\nexecutor: serial\naddress: auto\ncpus-per-run: 2\ngpus_per_run: 0.5\n"
+                      "no-report: true\nreport-only: true\nreadme: R.md\nformats: tex,pdf\ndevice: cpu\n")
+    flags = ["s.yaml", "--runs", "r", "--out", "o", "--executor", "serial", "--address", "auto", "--cpus-per-run", "2",
+             "--gpus-per-run", "0.5", "--no-report", "--report-only", "--readme", "R.md", "--formats", "tex,pdf",
+             "--device", "cpu"]
+    want = suite.SuiteConfig(runs="r", out="o", executor="serial", address="auto", cpus_per_run=2.0, gpus_per_run=0.5,
+                             report=False, report_only=True, readme="R.md", formats=("tex", "pdf"), device="cpu")
+    for argv in (flags, ["s.yaml", "--config", str(config)]):
+        assert command.parse(suite.parser(), suite.SuiteConfig, argv) == (want, {"suite": "s.yaml"})
+    # main hands them to run(): the formats to every report, the device to every study
+    seen = {}
+    monkeypatch.setattr(suite, "run", lambda *a, **kw: seen.update(args=a, **kw))
+    assert suite.main(["s.yaml", "--device", "cpu", "--formats", "md", "--no-report"]) == 0
+    assert seen == dict(args=("s.yaml", None, None, None, None, None, None), report=False, readme=None,
+                        formats=("md",), device="cpu")
+    path = _suite_file(tmp_path, tiny_model, [dict(name="x", task="tweets", methods=["lora"])])
+    _, [(_, prepared)] = suite.prepare(path, tmp_path / "runs", tmp_path / "out", device="cpu")
+    assert prepared.device == "cpu" and prepared.common["device"] == "cpu"
+
+
+def test_formats_say_which_tables_and_figures_the_reports_are_written_in(tiny_suite, tmp_path, capsys):
+    root, result, _ = tiny_suite
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    for name in ("suite.json", "suite.md", "suite.tex", "cd_diagram.png", "cd_diagram.pdf"):
+        (out / name).unlink()
+    path = root / "suite.yaml"
+    assert suite.main([str(path), "--report-only", "--runs", str(root / "runs"), "--out", str(out),
+                       "--formats", "md,svg"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["cd_diagram.svg", "suite.json", "suite.md"]
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == (f"wrote {out}/suite.json, {out}/suite.md, {out}/cd_diagram.svg (each study's "
+                                        f"report in {out}/<name>/)")
+    assert json.loads((out / "suite.json").read_text())["table"] == result["table"]  # the same numbers
+    assert suite.main([str(path), "--report-only", "--out", str(tmp_path / "o2"), "--formats", "md,xls"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--formats" in err and not (tmp_path / "o2").exists()

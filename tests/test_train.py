@@ -313,10 +313,9 @@ def test_fft_and_head_checkpoints_round_trip(tmp_path, tiny_dirs):
 # -- bad input: one line, exit 2, nothing written --------------------------------------------------
 
 def _cli(tmp_path, capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
+    code = main(list(args))
     err = capsys.readouterr().err.strip()
-    return e.value.code, err
+    return code, err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -354,6 +353,8 @@ def test_bad_training_input(tmp_path, capsys, tiny_dirs, args, message):
     (["--save-every", "0"], "save_every must be >= 1"),
     (["--dropout", "1"], "dropout must be in [0, 1)"),
     (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--keep", "last"], "invalid choice: 'last'"),
     (["--method", "fft", "--targets", "query"], "'fft' has no adapter layers"),
     (["--method", "head", "--targets", "query"], "'head' has no adapter layers"),
     (["--method", "cla", "--targets", "nothing_like_this"], "matches no linear layer"),
@@ -486,17 +487,16 @@ def test_one_link_of_a_chained_method_is_allowed_when_asked_for_and_said(tmp_pat
 
 
 def test_help_lists_every_method_and_every_default_as_train_applies_it(capsys):
-    import inspect
-    from adapters.train import _parser
-    parser = _parser()
-    signature = inspect.signature(train).parameters
+    from adapters.train import TrainConfig, parser
+    parser = parser()
+    defaults = vars(TrainConfig())
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for action in parser._actions:
-        if action.dest in ("help", "config"):
-            continue
-        assert action.default == signature[action.dest].default, action.dest  # the parser's default is train()'s
+    actions = [a for a in parser._actions if a.dest not in ("help", "config")]
+    assert [a.dest for a in actions] == list(defaults)  # every setting is a flag, and nothing else is
+    for action in actions:
+        assert action.default == defaults[action.dest], action.dest  # the parser's default is the setting's
         if action.nargs == 0:  # a flag: off by default
             continue
         shown = parser._get_formatter()._expand_help(action)  # the help as printed, before line wrapping
@@ -508,6 +508,15 @@ def test_help_lists_every_method_and_every_default_as_train_applies_it(capsys):
         line = f"{name} {m.description}"
         assert line + (f" (k = {m.chain_length} links by default)" if m.chain_length > 1 else "") in text, name
     assert "(default: the method's, 3 for cola, rac, c3la, rc3la; 1 for the others)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: --device cuda would train")
+def test_device_cpu_trains_on_the_cpu_and_cuda_without_a_gpu_is_refused_in_one_line(tmp_path, capsys, tiny_dirs):
+    _, stats = _train(tmp_path, tiny_dirs["bert"], "cla", max_steps=1, device="cpu")
+    assert stats["device"] == "cpu"
+    code, err = _cli(tmp_path, capsys, "--model", tiny_dirs["bert"], "--device", "cuda", "--out", str(tmp_path / "g"))
+    assert code == 2 and err == "error: device cuda asked for, but no GPU is available here"
+    assert not (tmp_path / "g").exists()
 
 
 def test_the_progress_bar_says_what_its_mid_run_numbers_are(tmp_path, capsys, tiny_dirs):
