@@ -128,3 +128,32 @@ def test_the_trained_parametrisation_puts_back_each_modules_own_peft_scale(tmp_p
         assert layer.scale == pytest.approx(peft_layer.scaling["default"], rel=1e-12)
         torch.testing.assert_close(layer.B, peft_layer.lora_B["default"].weight, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(_logits(ours), _peft_logits(path, base_dir), rtol=0, atol=1e-6)  # the same function
+
+
+SAVE_SCRIPT = """
+import sys
+import adapters
+from tests.conftest import tiny
+model = tiny("bert")
+adapters.apply(model, "cla", rank=2, alpha=4, targets=["all-linear"], seed=0)
+adapters.save(model, sys.argv[1], base_model=sys.argv[2], base_model_hash="h")
+"""
+
+
+def test_the_same_checkpoint_is_written_byte_for_byte_whatever_the_string_hash_seed(tmp_path, base_dir):
+    """PEFT keeps target_modules as a set, whose order follows Python's per-process string hash: written sorted,
+    adapter_config.json (and so the weights digest that covers it) is the same for the same run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).parent.parent
+    texts = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(root))
+        subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(out), base_dir], check=True, env=env, cwd=root)
+        texts.append((out / "adapter_config.json").read_text())
+    assert texts[0] == texts[1] == texts[2]
+    modules = json.loads(texts[0])["target_modules"]
+    assert modules == sorted(modules) and len(modules) == 13  # 2 layers × (q, k, v, attention out, up, down), pooler
