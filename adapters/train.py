@@ -720,6 +720,10 @@ def main(argv=None):
     note = one_link_note(config.method, k)
     print(json.dumps(dict(out=str(config.out), method=config.method, chain_length=k, **summary,
                           **({"note": note} if note else {}))))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under torchrun every rank leaves together (train() ends at a barrier): a rank exiting while gloo's threads
+        # still run can abort at exit.
+        torch.distributed.destroy_process_group()
     return 0
 
 
