@@ -78,14 +78,14 @@ def out_dir(out, command_name):
     return out
 
 
-def parser(prog, doc, settings=None, *, epilog=None, description=None, skip=()):
+def parser(prog, doc, settings=None, *, epilog=None, description=None):
     """The command's ArgumentParser: its description (the docstring's first paragraph unless given), each
     setting's flag (adapters.settings) and --config."""
     # allow_abbrev=False: a prefix is not a flag (an old --format must not be read as --formats)
     p = ArgumentParser(prog=prog, description=description or doc.split("\n\n")[0], formatter_class=HelpFormatter,
                        epilog=epilog, allow_abbrev=False)
     if settings is not None:
-        add_arguments(p, settings, skip=skip)
+        add_arguments(p, settings)
     p.add_argument("--config", metavar="FILE.yaml", help="a YAML file of flag values (the command line wins)")
     return p
 

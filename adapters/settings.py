@@ -58,6 +58,7 @@ def fields(cls):
 
 
 def default(field):
+    """The field's default (a fresh list for a list)."""
     return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
@@ -76,12 +77,10 @@ def option(field):
     return field.metadata["flag"] or "--" + field.name.replace("_", "-")
 
 
-def add_arguments(parser, cls, skip=()):
-    """One flag per field of `cls` (less `skip`), dest = the field's name, default = the field's default."""
+def add_arguments(parser, cls):
+    """One flag per field of `cls`, dest = the field's name, default = the field's default."""
     groups = {}
     for f in fields(cls):
-        if f.name in skip:
-            continue
         m = f.metadata
         where = parser
         if m["group"]:
