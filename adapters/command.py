@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import parse_args_with_config
 from .errors import AdapterError, ArgumentParser, HelpFormatter
+from .io import write_text
 from .settings import add_arguments, check, fields, setting
 
 TABLE_FORMATS = ("md", "tex")
@@ -54,6 +55,20 @@ def table_formats(formats):
     return tuple(f for f in formats if f in TABLE_FORMATS)
 
 
+def table_paths(out, name, formats):
+    """OUT/<name>.<f> for each table format f of `formats`: where a command's tables go."""
+    return [Path(out) / f"{name}.{f}" for f in table_formats(formats)]
+
+
+def write_tables(out, name, formats, texts):
+    """Write the command's tables, texts[f] to OUT/<name>.<f>, for each table format f of `formats` it has (the
+    keys of `texts`); returns the paths written."""
+    paths = [p for p in table_paths(out, name, formats) if p.suffix[1:] in texts]
+    for path in paths:
+        write_text(path, texts[path.suffix[1:]])
+    return paths
+
+
 # The common settings, one definition each; a command's dataclass takes those it has.
 def out(default, where):
     return setting(default, f"the output directory: {where}", results=False, metavar="DIR")
@@ -66,7 +81,7 @@ def device(what="it runs"):
 
 def formats(default=("md", "tex", "png", "pdf")):
     return setting(tuple(default), "file formats of the tables (md, tex) and figures (png, pdf, svg), "
-                   "comma-separated", results=False, type=formats_arg)
+                   "comma-separated", results=False, type=formats_arg, choices=TABLE_FORMATS + FIGURE_FORMATS)
 
 
 def out_dir(out, command_name):

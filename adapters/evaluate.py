@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import command, data, models, tasks
 from .checkpoint import read_meta
 from .errors import AdapterError, cli
-from .io import write_json, write_text
+from .io import write_json
 from .settings import AT_LEAST_1, setting
 from .taskspec import (TASK_OPTIONS, DataChoice, checkpoint_data, examples_arg, load_spec, resolve_spec, subset,
                        task_options)
@@ -228,10 +228,7 @@ def main(argv=None):
             device=config.device, out=out / "evaluate.json", progress=config.progress, **task_options(config))
     kind = "checkpoint" if r["checkpoint"] else "untrained model"
     text = f"{kind} {r['target']} on {r['task']['name']} ({r['task']['type']})\n{table(r)}\n"
-    written = [r["out"]]
-    if "md" in config.formats:
-        write_text(out / "evaluate.md", text)
-        written.append(str(out / "evaluate.md"))
+    written = [r["out"], *map(str, command.write_tables(out, "evaluate", config.formats, {"md": text}))]
     print(text, end="")
     print(f"wrote {', '.join(written)}")
     return 0

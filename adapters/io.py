@@ -147,7 +147,8 @@ class Journal:
         return items
 
     def add(self, key, value, sync_every=1):
-        """Append one finished item (flushed; on disk, fsync, every `sync_every` items and at close)."""
+        """Append one finished item: flushed at once (a killed process loses nothing), and put on disk (fsync) every
+        `sync_every` items (what a machine's crash could lose)."""
         new = not self.file.exists()
         if new:
             self.file.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ def setting(default, help, *, check=None, choices=None, results=True, flag=None,
             group=None, nargs=None):
     """One field of a settings dataclass.
 
-    `check`: a Check of the value (numbers); `choices`: the values allowed; `results`: whether the value changes what
+    `check`: a Check of the value (numbers); `choices`: the values allowed (each item's, for a list or tuple);
+    `results`: whether the value changes what
     the command computes (False for where it writes, whether it resumes, progress bars); `flag`: the option's name
     when it is not --the-field-name (e.g. --data for data_file, --no-group-by-length); `type`: the argparse type when
     the annotation's is not it (e.g. "an int or all"); `group`: the --help section it is listed under;
@@ -95,7 +96,7 @@ def add_arguments(parser, cls):
             kwargs["type"] = m["type"] or (None if value_type is str else value_type)
             if several:
                 kwargs["nargs"] = m["nargs"] or "+"
-            if m["choices"] is not None:
+            if m["choices"] is not None and m["type"] is None:  # a type of its own checks the values it parses
                 kwargs["choices"] = m["choices"]
             if m["metavar"]:
                 kwargs["metavar"] = m["metavar"]
@@ -113,7 +114,7 @@ def check(config):
                                            and math.isfinite(value) and m["check"].ok(value)):
             raise AdapterError(f"{f.name} must be {m['check'].text}, got {value!r}")
         if m["choices"] is not None:
-            items = value if isinstance(value, list) else [value]
+            items = value if isinstance(value, (list, tuple)) else [value]
             bad = [v for v in items if v not in m["choices"]]
             if bad:
                 raise AdapterError(f"{f.name} must be one of {', '.join(map(str, m['choices']))}, got {bad[0]!r}")

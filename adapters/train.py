@@ -347,10 +347,10 @@ def train(config=None, /, *, monitor=None, on_step=None, **settings):
     # The final evaluation is in the weights' own precision (fp32): accelerate's autocast wrapper comes off, so it
     # is what a fresh load of the checkpoint evaluates to.
     inner = run.accelerator.unwrap_model(run.net, keep_fp32_wrapper=False)
-    kept = _keep_weights(inner, run.watch, config.keep, loop.step)
-    evs, stats = _final_evaluation(run, config, loop, inner, kept[0])
+    kept_step, kept_link = _keep_weights(inner, run.watch, config.keep, loop.step)
+    evs, stats = _final_evaluation(run, config, loop, inner, kept_step)
     if run.accelerator.is_main_process:
-        _write(run, config, loop, inner, evs, stats, kept[1])
+        _write(run, config, loop, inner, evs, stats, kept_link)
     if run.trackers:
         log_scalars(run.accelerator, {f"final/{k}": v for k, v in stats.items()
                                       if k.endswith(("_loss", "_metric", "_gap")) and isinstance(v, (int, float))},

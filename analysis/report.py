@@ -36,7 +36,7 @@ from typing import Optional
 
 from adapters import command
 from adapters.errors import AdapterError, cli
-from adapters.io import write_json, write_text
+from adapters.io import write_json
 from adapters.settings import AT_LEAST_1, POSITIVE, Check, setting
 from analysis.claims import FAMILIES, MARGIN, claims
 from analysis.figures import plot_consistency, plot_landscapes, plot_outcomes, plot_spectral
@@ -96,11 +96,7 @@ def report(runs, out="figures", loss_clip=4.0, n_boot=2000, formats=("md", "tex"
                   runs=[_run_row(r) for r in records], figures=[str(p) for p in figures], markdown=md)
     if readme is not None:
         result["readme_section"] = readme_section(result, readme)
-    tables = command.table_formats(formats)
-    if "md" in tables:
-        write_text(out / "report.md", md)
-    if "tex" in tables:
-        write_text(out / "report.tex", latex(table, settings["reference"], study))
+    command.write_tables(out, "report", formats, {"md": md, "tex": latex(table, settings["reference"], study)})
     write_json(out / "report.json", result)
     if readme is not None:
         write_readme(readme, result["readme_section"])
@@ -134,7 +130,7 @@ def parser():
 def written(result, out, formats, readme=None):
     """The summary line of what report() wrote into `out` (and `readme`)."""
     out = Path(out)
-    files = [out / "report.json"] + [out / f"report.{f}" for f in command.table_formats(formats)]
+    files = [out / "report.json"] + command.table_paths(out, "report", formats)
     drawn = command.figure_formats(formats)
     text = f"wrote {', '.join(map(str, files))}"
     if drawn:

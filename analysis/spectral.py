@@ -44,8 +44,9 @@ from tqdm.auto import tqdm
 
 from adapters import command, weights
 from adapters.errors import AdapterError, CheckpointError, cli
-from adapters.io import Journal, write_json, write_text
+from adapters.io import Journal, write_json
 from adapters.settings import Check, check, make, setting, shaping
+from adapters.taskspec import examples_arg
 from analysis import style, svd_cache
 from analysis.svd_cache import DTYPES, SIDES, svd
 from bounds.spectral_norm import OVERSAMPLE, check_device, lowrank_singular_values, top_singular
@@ -58,16 +59,11 @@ ONE_TOL = 1e-9
 
 
 def top_k_arg(text):
-    """--top-k: a positive integer, or "all" (every singular vector)."""
-    if text == "all":
-        return "all"
-    try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-    if k < 1:
+    """--top-k: a positive integer, or "all" (every singular vector): taskspec.examples_arg's count or all."""
+    k = examples_arg(text)  # None for all
+    if k is not None and k < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return k
+    return "all" if k is None else k
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ class SpectralConfig:
 
 
 def check_config(config):
-    """What the fields' ranges cannot say: top-k (an int or all), the regexes, the device, the formats."""
+    """What the fields' ranges cannot say: top-k (an int or all), the regexes, the device."""
     if not (config.top_k in (None, "all") or (isinstance(config.top_k, int) and not isinstance(config.top_k, bool)
                                               and config.top_k >= 1)):
         raise AdapterError(f"top_k must be a positive integer or 'all', got {config.top_k!r}")
@@ -109,7 +105,6 @@ def check_config(config):
                 re.compile(pattern)
             except re.error as e:
                 raise AdapterError(f"{flag} {pattern!r} is not a valid regex: {e}") from None
-    command.check_formats(config.formats)
     return config
 
 
@@ -399,9 +394,9 @@ def run(paths, config=None, **settings):
     result = {"settings": _recorded(c, _spectrum_matrix(checkpoints, c.spectrum_layer)), "checkpoints": checkpoints}
     if c.out is not None:
         # tables and figures first, the JSON last: a spectral.json present means the run completed
-        if "md" in c.formats:
-            write_text(Path(c.out) / "spectral.md", markdown(result))
-            result["tables"] = [str(Path(c.out) / "spectral.md")]
+        tables = command.write_tables(c.out, "spectral", c.formats, {"md": markdown(result)})
+        if tables:
+            result["tables"] = [str(p) for p in tables]
         result["figures"] = [str(p) for p in plot_all(result, c.out, command.figure_formats(c.formats), c.sweep)]
         write_json(Path(c.out) / "spectral.json", result)
     return result

@@ -43,7 +43,7 @@ import numpy as np
 
 from adapters import command
 from adapters.errors import AdapterError, cli
-from adapters.io import write_json, write_text
+from adapters.io import write_json
 from adapters.methods import paper_order
 from adapters.settings import setting
 from analysis import suite_tables
@@ -320,11 +320,7 @@ def write_report(names, runs, out, settings, readme=None, formats=FORMATS):
     result["markdown"] = suite_tables.markdown(result)
     if readme is not None:
         result["readme_section"] = suite_tables.readme_section(result, readme)
-    tables = command.table_formats(formats)
-    if "md" in tables:
-        write_text(Path(out) / "suite.md", result["markdown"])
-    if "tex" in tables:
-        write_text(Path(out) / "suite.tex", suite_tables.latex(result))
+    command.write_tables(out, "suite", formats, {"md": result["markdown"], "tex": suite_tables.latex(result)})
     write_json(Path(out) / "suite.json", result)
     if readme is not None:
         write_readme(readme, result["readme_section"], "suite")
@@ -369,8 +365,7 @@ def written(result, path, runs, out, formats, readme=None):
     if result is None:
         return f"wrote the runs of every study of {path} in {locations(path, runs, out)[0]}"
     out = locations(path, runs, out)[1]
-    files = [out / "suite.json"] + [out / f"suite.{f}" for f in command.table_formats(formats)] \
-        + [Path(f) for f in result["figures"]]
+    files = [out / "suite.json"] + command.table_paths(out, "suite", formats) + [Path(f) for f in result["figures"]]
     return f"wrote {', '.join(map(str, files))} (each study's report in {out}/<name>/)" + (
         f"; the suite section of {readme}" if readme is not None else "")
 

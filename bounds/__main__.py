@@ -127,11 +127,9 @@ def main(argv=None):
     if comparison:
         for r in rows:
             r["kendall_tau"] = comparison
-    texts["json"] = json.dumps(_finite(rows), indent=2, allow_nan=False) + "\n"
-    written = []
-    for fmt in ("json", *command.table_formats(config.formats)):
-        written.append(out / f"bounds.{fmt}")
-        write_text(written[-1], texts[fmt])
+    written = [out / "bounds.json"]
+    write_text(written[0], json.dumps(_finite(rows), indent=2, allow_nan=False) + "\n")
+    written += command.write_tables(out, "bounds", config.formats, texts)
     sys.stdout.write(texts["md"])
     print(f"wrote {', '.join(map(str, written))}")
     return 0

@@ -72,7 +72,8 @@ def test_check_refuses_what_python_callers_pass_and_make_refuses_unknown_setting
     for bad, message in ((dict(rank=0), "rank must be >= 1"), (dict(rank=True), "rank must be >= 1"),
                          (dict(warmup=float("nan")), "warmup must be in [0, 1)"),
                          (dict(method="dora"), "method must be one of cla, lora, got 'dora'"),
-                         (dict(diagnostics=["spectral", "x"]), "diagnostics must be one of spectral, hessian")):
+                         (dict(diagnostics=["spectral", "x"]), "diagnostics must be one of spectral, hessian"),
+                         (dict(formats=("png", "gif")), "formats must be one of md, tex, png, pdf, svg, got 'gif'")):
         with pytest.raises(AdapterError) as e:
             check(Toy(**bad))
         assert message in str(e.value)
@@ -103,6 +104,16 @@ def test_cli_returns_2_for_bad_input_and_the_value_of_main_otherwise(capsys):
         return 0
     assert main([]) == 0
     assert main(["x"]) == 2 and capsys.readouterr().err == "error: bad thing\n"
+
+
+def test_write_tables_writes_the_table_formats_the_command_has_and_says_which(tmp_path):
+    texts = {"md": "| a |", "tex": "\\begin{table}"}
+    assert command.write_tables(tmp_path, "toy", ("png", "tex", "md"), texts) == [tmp_path / "toy.tex",
+                                                                               tmp_path / "toy.md"]
+    assert (tmp_path / "toy.md").read_text() == "| a |" and (tmp_path / "toy.tex").read_text() == "\\begin{table}"
+    assert command.write_tables(tmp_path / "b", "toy", ("tex", "pdf"), {"md": "x"}) == []  # no tex table: none
+    assert not (tmp_path / "b").exists()
+    assert command.table_paths(tmp_path, "toy", ("md", "svg")) == [tmp_path / "toy.md"]
 
 
 def test_out_dir_refuses_a_file(tmp_path):
